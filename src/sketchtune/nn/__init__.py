@@ -1,0 +1,15 @@
+"""Sketched drop-in layers (pure PyTorch; this subpackage never imports Optuna or Lightning).
+
+- :class:`SKLinear` replaces ``nn.Linear``.
+- :class:`SKConv2d` replaces ``nn.Conv2d`` (``groups=1``, zero padding).
+- :class:`RandMultiHeadAttention` replaces ``nn.MultiheadAttention`` with
+  random-feature (Performer-style) attention, linear in sequence length.
+"""
+
+from __future__ import annotations
+
+from sketchtune.nn.attention import RandMultiHeadAttention
+from sketchtune.nn.conv import SKConv2d
+from sketchtune.nn.linear import SKLinear
+
+__all__ = ["RandMultiHeadAttention", "SKConv2d", "SKLinear"]

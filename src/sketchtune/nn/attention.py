@@ -1,0 +1,11 @@
+"""RandMultiHeadAttention (being written)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["RandMultiHeadAttention"]
+
+
+class RandMultiHeadAttention(nn.Module):
+    pass

@@ -1,0 +1,276 @@
+"""SKConv2d: a sketched, randomized low-rank replacement for ``nn.Conv2d``."""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sketchtune._validation import check_bool, check_int
+from sketchtune.nn import _sketch
+
+__all__ = ["SKConv2d"]
+
+_Size2 = Union[int, tuple[int, int]]
+_Padding = Union[int, tuple[int, int], str]
+
+
+class SKConv2d(nn.Module):
+    r"""Sketched 2-D convolution: a ``2Lk``-channel convolution followed by a 1x1 mix.
+
+    The kernel ``W`` (``C_out x C_in x kh x kw``) is treated as the linear map
+    from a ``C_in*kh*kw`` patch to ``C_out`` channels and sketched exactly like
+    :class:`~sketchtune.nn.SKLinear`: ``y = b + (x S1 U1 + x U2 S2) / (2L)`` per
+    patch ``x``. The first stage is **one** convolution with the ``2Lk`` kernels
+    ``[S1; U2]`` (learnable and fixed halves concatenated, a few hundred KB at
+    most), the second is **one** batched matrix product with the
+    ``C_out x 2Lk`` mix ``[U1 | S2] / (2L)`` that writes the output directly in
+    the input's memory format (NCHW or channels-last), bias fused.
+
+    Stored tensors (``r = num_terms * low_rank``):
+
+    - ``S1``: ``(r, C_in, kh, kw)`` learnable first-stage kernels.
+    - ``U2``: ``(r, C_in, kh, kw)`` fixed random first-stage kernels (buffer).
+    - ``U1``: ``(C_out, r)`` fixed random mix (buffer).
+    - ``S2``: ``(C_out, r)`` learnable mix.
+
+    Args:
+        in_channels: input channels ``C_in``.
+        out_channels: output channels ``C_out``.
+        kernel_size: int or ``(kh, kw)``.
+        num_terms: number of sketch pairs ``L``.
+        low_rank: rank ``k`` of each sketch; at most ``min(C_in*kh*kw, C_out)``.
+        stride: as in ``nn.Conv2d``.
+        padding: int, ``(ph, pw)``, ``"same"`` (stride 1 only) or ``"valid"``.
+        dilation: as in ``nn.Conv2d``.
+        bias: whether to learn an additive bias.
+        W_init: dense kernel ``(C_out, C_in, kh, kw)`` to sketch; ``None`` draws
+            one like ``nn.Conv2d``'s default initialization.
+        dtype: parameter dtype.
+        device: parameter device.
+        groups: only ``1`` is supported; anything else is an error.
+        padding_mode: only ``"zeros"`` is supported; anything else is an error.
+        seed: seed of this layer's random matrices (see ``SKLinear``).
+
+    Example:
+        >>> import torch
+        >>> from sketchtune.nn import SKConv2d
+        >>> conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+        >>> layer = SKConv2d.from_dense(conv, num_terms=1, low_rank=8, seed=0)
+        >>> layer(torch.randn(2, 64, 16, 16)).shape
+        torch.Size([2, 64, 16, 16])
+    """
+
+    S1: nn.Parameter
+    S2: nn.Parameter
+    U1: torch.Tensor
+    U2: torch.Tensor
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Size2,
+        num_terms: int,
+        low_rank: int,
+        stride: _Size2 = 1,
+        padding: _Padding = 0,
+        dilation: _Size2 = 1,
+        bias: bool = True,
+        W_init: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        *,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = check_int("in_channels", in_channels, minimum=1)
+        self.out_channels = check_int("out_channels", out_channels, minimum=1)
+        self.kernel_size = _pair("kernel_size", kernel_size, minimum=1)
+        self.stride = _pair("stride", stride, minimum=1)
+        self.dilation = _pair("dilation", dilation, minimum=1)
+        self.padding = _check_padding(padding, self.stride)
+        if groups != 1:
+            raise ValueError(
+                f"`groups` must be 1 for SKConv2d, got {groups!r}: grouped and depthwise "
+                "convolutions are already cheap; leave them dense (exclude them from the selection)."
+            )
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"`padding_mode` must be 'zeros' for SKConv2d, got {padding_mode!r}; "
+                "exclude this layer from the selection or use zero padding."
+            )
+        self.groups = 1
+        self.padding_mode = "zeros"
+        check_bool("bias", bias)
+        kh, kw = self.kernel_size
+        d_in = self.in_channels * kh * kw
+        self.num_terms, self.low_rank = _sketch.check_sketch_sizes(
+            "SKConv2d",
+            d_in,
+            self.out_channels,
+            num_terms,
+            low_rank,
+            d_in_text="in_channels*kh*kw",
+            d_out_text="out_channels",
+        )
+        kernel_shape = (self.out_channels, self.in_channels, kh, kw)
+        if W_init is not None:
+            _sketch.check_weight("W_init", W_init, kernel_shape)
+        self.seed = _sketch.resolve_seed(seed)
+        self._scale = 1.0 / (2 * self.num_terms)
+
+        rank = self.num_terms * self.low_rank
+        gen = _sketch.generator(self.seed)
+        kw_ = {"dtype": dtype, "device": device}
+        self.register_buffer("U1", _sketch.sign_matrix(self.out_channels, rank, self.low_rank, gen, **kw_))
+        u2 = _sketch.sign_matrix(rank, d_in, self.low_rank, gen, **kw_)
+        self.register_buffer("U2", u2.view(rank, self.in_channels, kh, kw))
+        self.S1 = nn.Parameter(torch.empty(rank, self.in_channels, kh, kw, **kw_))  # type: ignore[arg-type]
+        self.S2 = nn.Parameter(torch.empty(self.out_channels, rank, **kw_))  # type: ignore[arg-type]
+        self.bias = (
+            nn.Parameter(torch.empty(self.out_channels, **kw_))  # type: ignore[arg-type]
+            if bias
+            else None
+        )
+
+        bound = 1.0 / math.sqrt(d_in)
+        if W_init is None:
+            # nn.Conv2d's kaiming_uniform_(a=sqrt(5)) has bound 1/sqrt(fan_in), as does its bias.
+            W_init = _sketch.uniform_(torch.empty(kernel_shape), bound, gen)
+        self.load_sketch_of(W_init)
+        if self.bias is not None:
+            _sketch.uniform_(self.bias, bound, gen)
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        num_terms: int,
+        low_rank: int,
+        seed: int | None = None,
+    ) -> SKConv2d:
+        """Build a sketch of ``conv``, copying its kernel, bias, geometry, device and dtype.
+
+        Args:
+            conv: the dense convolution to replace (left unchanged).
+            num_terms: number of sketch pairs ``L``.
+            low_rank: rank ``k`` of each sketch.
+            seed: seed of the random matrices.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"`conv` must be an nn.Conv2d, got {type(conv).__name__}.")
+        weight = conv.weight.detach()
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,  # type: ignore[arg-type]
+            num_terms,
+            low_rank,
+            stride=conv.stride,  # type: ignore[arg-type]
+            padding=conv.padding,  # type: ignore[arg-type]
+            dilation=conv.dilation,  # type: ignore[arg-type]
+            bias=conv.bias is not None,
+            W_init=weight,
+            dtype=weight.dtype,
+            device=weight.device,
+            groups=conv.groups,
+            padding_mode=conv.padding_mode,
+            seed=seed,
+        )
+        if conv.bias is not None:
+            assert layer.bias is not None
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    @torch.no_grad()
+    def load_sketch_of(self, weight: torch.Tensor) -> None:
+        """Set ``S1``, ``S2`` to the sketches of a dense kernel with the current ``U``'s."""
+        kh, kw = self.kernel_size
+        _sketch.check_weight("weight", weight, (self.out_channels, self.in_channels, kh, kw))
+        dt = _sketch.compute_dtype(self.S1.dtype)
+        wm = weight.to(device=self.S1.device, dtype=dt).reshape(self.out_channels, -1)
+        rank = self.S1.shape[0]
+        # Linear view: S1_lin = Wm^T U1_lin^T with U1_lin = U1^T, stored transposed as conv kernels.
+        self.S1.copy_((self.U1.to(dt).t() @ wm).view(rank, self.in_channels, kh, kw))
+        # S2_lin = U2_lin^T Wm^T with U2_lin = U2 flattened and transposed; stored as (C_out, r).
+        self.S2.copy_(wm @ self.U2.to(dt).reshape(rank, -1).t())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        unbatched = input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
+        kernels = torch.cat([self.S1, self.U2], dim=0)
+        h = F.conv2d(x, kernels, None, self.stride, self.padding, self.dilation)
+        mix = torch.cat([self.U1, self.S2], dim=1) * self._scale
+        n, r, ho, wo = h.shape
+        if h.is_contiguous():
+            hm = h.view(n, r, ho * wo)
+            if self.bias is not None:
+                y = torch.baddbmm(self.bias.view(1, -1, 1), mix.expand(n, -1, -1), hm)
+            else:
+                y = torch.matmul(mix, hm)
+            y = y.view(n, self.out_channels, ho, wo)
+        else:
+            # channels-last: one (N*H*W, r) x (r, C_out) GEMM keeps the output channels-last.
+            hm = h.permute(0, 2, 3, 1).reshape(n * ho * wo, r)
+            if self.bias is not None:
+                y = torch.addmm(self.bias, hm, mix.t())
+            else:
+                y = torch.mm(hm, mix.t())
+            y = y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        return y.squeeze(0) if unbatched else y
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(C_out, C_in, kh, kw)`` kernel this layer applies (for export and tests)."""
+        rank = self.S1.shape[0]
+        s1 = self.S1.reshape(rank, -1)
+        u2 = self.U2.reshape(rank, -1)
+        w = (self.U1 @ s1 + self.S2 @ u2) * self._scale
+        return w.view(self.out_channels, self.in_channels, *self.kernel_size).contiguous()
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"num_terms={self.num_terms}, low_rank={self.low_rank}, stride={self.stride}"
+        )
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        return s + f", bias={self.bias is not None}, seed={self.seed}"
+
+
+def _pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}.")
+        return (
+            check_int(name, value[0], minimum=minimum),
+            check_int(name, value[1], minimum=minimum),
+        )
+    v = check_int(name, value, minimum=minimum)
+    return (v, v)
+
+
+def _check_padding(padding: object, stride: tuple[int, int]) -> tuple[int, int] | str:
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(
+                f"`padding` must be an int, a pair of ints, 'same' or 'valid', got {padding!r}."
+            )
+        if padding == "same" and stride != (1, 1):
+            raise ValueError(
+                f"`padding`='same' needs stride 1, got stride={stride}; "
+                "pass explicit padding for strided convolutions."
+            )
+        return padding
+    return _pair("padding", padding, minimum=0)

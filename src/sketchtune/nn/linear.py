@@ -1,0 +1,205 @@
+"""SKLinear: a sketched, randomized low-rank replacement for ``nn.Linear``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sketchtune._validation import check_bool, check_int
+from sketchtune.nn import _sketch
+
+__all__ = ["SKLinear"]
+
+
+class SKLinear(nn.Module):
+    r"""Sketched linear layer: ``num_terms`` pairs of rank-``low_rank`` sketches of a dense weight.
+
+    With fixed random sign matrices ``U1_i`` (``k x d_out``) and ``U2_i``
+    (``d_in x k``), scaled by ``1/sqrt(k)``, and learnable sketches
+    ``S1_i = W^T U1_i^T`` and ``S2_i = U2_i^T W^T``, the layer computes
+
+    .. math::
+
+        y = b + \frac{1}{2L} \sum_{i=1}^{L} \left(x S1_i U1_i + x U2_i S2_i\right),
+
+    an unbiased estimate of ``x W^T + b``. The sum over ``i`` and both terms is a
+    single rank-``2Lk`` product ``x [S1 | U2] [U1; S2] / (2L)``. The factors are
+    stored already concatenated over ``i`` in GEMM-ready layout, and the product
+    is evaluated blockwise: ``h1 = x S1`` and ``h2 = x U2`` (one pass over ``x``
+    each), then ``y = b + (h1 U1 + h2 S2) / (2L)`` accumulated into one output by
+    ``addmm``. That is ``2Lk (d_in + d_out)`` multiply-adds per row, against
+    ``d_in d_out`` for the dense layer; no per-term loop, no temporary wider
+    than ``2Lk``, and no dense ``d_in x d_out`` matrix is ever formed. Keeping
+    the learnable and fixed blocks apart lets autograd skip the gradients of the
+    fixed blocks.
+
+    Shapes of the stored tensors (``r = num_terms * low_rank``):
+
+    - ``S1``: ``(in_features, r)`` learnable, column block ``i`` is ``S1_i``.
+    - ``S2``: ``(r, out_features)`` learnable, row block ``i`` is ``S2_i``.
+    - ``U1``: ``(r, out_features)`` buffer, row block ``i`` is ``U1_i``.
+    - ``U2``: ``(in_features, r)`` buffer, column block ``i`` is ``U2_i``.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        num_terms: number of sketch pairs ``L``.
+        low_rank: rank ``k`` of each sketch; at most ``min(in_features, out_features)``.
+        W_init: dense weight ``(out_features, in_features)`` to sketch. When
+            ``None``, a weight is drawn like ``nn.Linear``'s default initialization.
+        bias: whether to learn an additive bias.
+        dtype: parameter dtype.
+        device: parameter device.
+        seed: seed of this layer's random matrices. The same seed gives
+            bit-identical buffers on any device. ``None`` draws one from torch's
+            global RNG (so ``torch.manual_seed`` makes it reproducible).
+
+    Example:
+        >>> import torch
+        >>> from sketchtune.nn import SKLinear
+        >>> dense = torch.nn.Linear(512, 256)
+        >>> layer = SKLinear.from_dense(dense, num_terms=1, low_rank=32, seed=0)
+        >>> layer(torch.randn(8, 512)).shape
+        torch.Size([8, 256])
+    """
+
+    S1: nn.Parameter
+    S2: nn.Parameter
+    U1: torch.Tensor
+    U2: torch.Tensor
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_terms: int,
+        low_rank: int,
+        W_init: torch.Tensor | None = None,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.out_features = check_int("out_features", out_features, minimum=1)
+        self.num_terms, self.low_rank = _sketch.check_sketch_sizes(
+            "SKLinear",
+            self.in_features,
+            self.out_features,
+            num_terms,
+            low_rank,
+            d_in_text="in_features",
+            d_out_text="out_features",
+        )
+        check_bool("bias", bias)
+        if W_init is not None:
+            _sketch.check_weight("W_init", W_init, (self.out_features, self.in_features))
+        self.seed = _sketch.resolve_seed(seed)
+        self._scale = 1.0 / (2 * self.num_terms)
+
+        rank = self.num_terms * self.low_rank
+        gen = _sketch.generator(self.seed)
+        kw = {"dtype": dtype, "device": device}
+        self.register_buffer("U1", _sketch.sign_matrix(rank, self.out_features, self.low_rank, gen, **kw))
+        self.register_buffer("U2", _sketch.sign_matrix(self.in_features, rank, self.low_rank, gen, **kw))
+        self.S1 = nn.Parameter(torch.empty(self.in_features, rank, **kw))  # type: ignore[arg-type]
+        self.S2 = nn.Parameter(torch.empty(rank, self.out_features, **kw))  # type: ignore[arg-type]
+        self.bias = (
+            nn.Parameter(torch.empty(self.out_features, **kw))  # type: ignore[arg-type]
+            if bias
+            else None
+        )
+
+        bound = 1.0 / math.sqrt(self.in_features)
+        if W_init is None:
+            # Same distribution as nn.Linear's kaiming_uniform_(a=sqrt(5)), drawn from our generator.
+            W_init = _sketch.uniform_(torch.empty(self.out_features, self.in_features), bound, gen)
+        self.load_sketch_of(W_init)
+        if self.bias is not None:
+            _sketch.uniform_(self.bias, bound, gen)
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        *,
+        num_terms: int,
+        low_rank: int,
+        seed: int | None = None,
+    ) -> SKLinear:
+        """Build a sketch of ``linear``, copying its weight, bias, device and dtype.
+
+        Args:
+            linear: the dense layer to replace (left unchanged).
+            num_terms: number of sketch pairs ``L``.
+            low_rank: rank ``k`` of each sketch.
+            seed: seed of the random matrices (see the class docstring).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"`linear` must be an nn.Linear, got {type(linear).__name__}; "
+                "use SKConv2d.from_dense for nn.Conv2d and "
+                "RandMultiHeadAttention.from_dense for nn.MultiheadAttention."
+            )
+        weight = linear.weight.detach()
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            num_terms,
+            low_rank,
+            W_init=weight,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+            seed=seed,
+        )
+        if linear.bias is not None:
+            assert layer.bias is not None
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def load_sketch_of(self, weight: torch.Tensor) -> None:
+        """Set ``S1``, ``S2`` to the sketches of a dense ``(out, in)`` weight with the current ``U``'s."""
+        _sketch.check_weight("weight", weight, (self.out_features, self.in_features))
+        wt = weight.to(device=self.S1.device, dtype=_sketch.compute_dtype(self.S1.dtype)).t()
+        self.S1.copy_(wt @ self.U1.to(wt.dtype).t())
+        self.S2.copy_(self.U2.to(wt.dtype).t() @ wt)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        shape = input.shape
+        x = input.reshape(-1, self.in_features)
+        h1 = torch.mm(x, self.S1)
+        h2 = torch.mm(x, self.U2)
+        s = self._scale
+        if self.bias is not None:
+            y = torch.addmm(self.bias, h1, self.U1, alpha=s)
+            y = y.addmm_(h2, self.S2, alpha=s)
+        else:
+            y = torch.mm(h1, self.U1)
+            y = y.addmm_(h2, self.S2, beta=s, alpha=s)
+        return y.view(shape[:-1] + (self.out_features,))
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight this layer applies.
+
+        Forms the dense matrix, so it costs ``O(in * out)``: for export and tests,
+        never used by ``forward``.
+        """
+        w_t = self.S1 @ self.U1 + self.U2 @ self.S2
+        return (w_t * self._scale).t().contiguous()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_terms={self.num_terms}, low_rank={self.low_rank}, "
+            f"bias={self.bias is not None}, seed={self.seed}"
+        )
+
