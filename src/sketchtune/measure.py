@@ -1,0 +1,130 @@
+"""Speed measurement: interleaved wall-clock timing and a FLOP-count speed model.
+
+Wall-clock comparisons follow three rules, because machines drift (turbo,
+thermal throttling, other processes) on the time scale of a tuning run:
+
+1. warm-up calls are excluded (allocator, caches, lazy initialization);
+2. the device is synchronized before each clock read, so asynchronous CUDA
+   kernels are counted;
+3. candidates are timed *interleaved* (A, B, A, B, ...) and summarized by the
+   median, so a slow phase of the machine hits every candidate alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sketchtune._validation import check_int
+
+__all__ = ["measure_throughput", "synchronize", "time_interleaved"]
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for queued work on ``device`` (a no-op on the CPU)."""
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize(dev)
+    elif dev.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.synchronize()
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], Any]],
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: torch.device | str | None = None,
+) -> list[list[float]]:
+    """Time each callable ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
+
+    Args:
+        fns: zero-argument callables to compare.
+        repeats: timed rounds; each round calls every function once.
+        warmup: untimed rounds before the first timed one.
+        device: device to synchronize before each clock read (``None``: CUDA if initialized).
+
+    Returns:
+        One list of ``repeats`` durations in seconds per function, in input order.
+    """
+    repeats = check_int("repeats", repeats, minimum=1)
+    warmup = check_int("warmup", warmup, minimum=0)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    synchronize(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def measure_throughput(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    batch_size: int | None = None,
+) -> float:
+    """Median inference throughput of ``model`` on ``example_input``, in samples per second.
+
+    The model runs in eval mode under ``torch.inference_mode`` (its training
+    flag is restored afterwards). ``example_input`` is passed as the single
+    positional argument, or unpacked when it is a tuple or list.
+
+    Args:
+        model: the model to time.
+        example_input: a tensor, or a tuple/list of positional arguments.
+        repeats: timed calls (the median is reported).
+        warmup: untimed calls first.
+        batch_size: samples per call; by default the first dimension of the
+            first tensor argument.
+
+    Returns:
+        Samples per second (median over ``repeats`` calls).
+
+    Example:
+        >>> import torch
+        >>> from sketchtune import measure_throughput
+        >>> rate = measure_throughput(torch.nn.Linear(64, 64), torch.randn(32, 64), repeats=5)
+        >>> rate > 0
+        True
+    """
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    if batch_size is None:
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or first.dim() == 0:
+            raise ValueError(
+                "`batch_size` must be given when `example_input` holds no batched tensor, "
+                f"got example_input of type {type(example_input).__name__}."
+            )
+        batch_size = int(first.shape[0])
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            (times,) = time_interleaved([lambda: model(*args)], repeats=repeats, warmup=warmup, device=device)
+    finally:
+        model.train(was_training)
+    return batch_size / statistics.median(times)
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return None

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sketchtune.nn import SKLinear
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm())
+
+
+def test_forward_matches_the_documented_formula_term_by_term() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(12, 10)
+    layer = SKLinear.from_dense(dense, num_terms=3, low_rank=2, seed=1)
+    x = torch.randn(5, 12)
+    k, L = 2, 3
+    terms = []
+    for i in range(L):
+        s1, u2 = layer.S1[:, i * k : (i + 1) * k], layer.U2[:, i * k : (i + 1) * k]
+        u1, s2 = layer.U1[i * k : (i + 1) * k], layer.S2[i * k : (i + 1) * k]
+        terms.append(x @ s1 @ u1 + x @ u2 @ s2)
+    expected = dense.bias + sum(terms) / (2 * L)
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + dense.bias)
+
+
+def test_sketch_definitions_follow_the_seed_math() -> None:
+    dense = nn.Linear(9, 7)
+    layer = SKLinear.from_dense(dense, num_terms=2, low_rank=3, seed=0)
+    w = dense.weight.detach()
+    torch.testing.assert_close(layer.S1, w.t() @ layer.U1.t())
+    torch.testing.assert_close(layer.S2, layer.U2.t() @ w.t())
+    torch.testing.assert_close(layer.U1.abs(), torch.full_like(layer.U1, 3**-0.5))
+
+
+def test_from_dense_copies_bias_device_dtype_and_leaves_the_dense_layer_alone() -> None:
+    dense = nn.Linear(8, 6).double()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    layer = SKLinear.from_dense(dense, num_terms=1, low_rank=2, seed=3)
+    assert layer.S1.dtype == torch.float64 and layer.U1.dtype == torch.float64
+    assert layer.bias is not None
+    assert torch.equal(layer.bias, dense.bias)
+    assert layer.bias.data_ptr() != dense.bias.data_ptr()
+    for k, v in dense.state_dict().items():
+        assert torch.equal(v, before[k])
+    nobias = SKLinear.from_dense(nn.Linear(8, 6, bias=False), num_terms=1, low_rank=2)
+    assert nobias.bias is None
+
+
+def test_error_shrinks_as_low_rank_grows() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(96, 64)
+    x = torch.randn(256, 96)
+    with torch.no_grad():
+        ref = dense(x) - dense.bias
+        errors = []
+        for k in (4, 16, 64):
+            runs = [
+                _relative_error(SKLinear.from_dense(dense, num_terms=1, low_rank=k, seed=s)(x) - dense.bias, ref)
+                for s in range(8)
+            ]
+            errors.append(sum(runs) / len(runs))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_sketch_is_unbiased_mean_over_draws_converges_to_dense() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(32, 24)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        ref = dense(x)
+        draws = torch.stack(
+            [SKLinear.from_dense(dense, num_terms=1, low_rank=4, seed=s)(x) for s in range(1600)]
+        )
+        single = _relative_error(draws[0], ref)
+        mean_100 = _relative_error(draws[:100].mean(0), ref)
+        mean_1600 = _relative_error(draws.mean(0), ref)
+    # Monte Carlo error falls like 1/sqrt(n): 10x more draws -> about 4x smaller error.
+    assert mean_100 < single / 5
+    assert mean_1600 < mean_100 / 2.5
+
+
+def test_any_leading_shape_including_1d() -> None:
+    layer = SKLinear(10, 6, 1, 2, seed=0).eval()
+    x = torch.randn(2, 3, 4, 10)
+    y = layer(x)
+    assert y.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(layer(x[0, 0, 0]), y[0, 0, 0])
+    assert layer(x[0, 0, 0]).shape == (6,)
+    non_contiguous = torch.randn(10, 5).t()
+    torch.testing.assert_close(layer(non_contiguous), layer(non_contiguous.contiguous()))
+
+
+def test_without_bias_scaling_is_the_same() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(12, 8, bias=False)
+    layer = SKLinear.from_dense(dense, num_terms=2, low_rank=3, seed=0)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(layer(x), x @ layer.dense_weight().t())
+
+
+def test_w_init_is_sketched_and_unseeded_layers_follow_the_global_rng() -> None:
+    w = torch.randn(6, 8)
+    layer = SKLinear(8, 6, 1, 2, W_init=w, seed=0)
+    torch.testing.assert_close(layer.S1, w.t() @ layer.U1.t())
+    torch.manual_seed(5)
+    a = SKLinear(8, 6, 1, 2)
+    torch.manual_seed(5)
+    b = SKLinear(8, 6, 1, 2)
+    assert a.seed == b.seed
+    assert torch.equal(a.U1, b.U1) and torch.equal(a.S1, b.S1)
+
+
+def test_warns_when_the_sketch_is_not_smaller_than_the_dense_layer() -> None:
+    with pytest.warns(UserWarning, match=r"not fewer than the dense layer's 64.*below 2\.0"):
+        SKLinear(8, 8, num_terms=2, low_rank=4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"in_features": 0}, ValueError, r"`in_features` must be a positive int, got 0"),
+        ({"out_features": 2.5}, TypeError, r"`out_features` must be an int, got 2.5"),
+        ({"num_terms": 0}, ValueError, r"`num_terms` must be a positive int, got 0"),
+        (
+            {"low_rank": 128},
+            ValueError,
+            r"`low_rank` must be between 1 and 16 \(min\(in_features, out_features\)=16\), got 128",
+        ),
+        ({"low_rank": True}, TypeError, r"`low_rank` must be an int, got True"),
+        ({"bias": "yes"}, TypeError, r"`bias` must be True or False, got 'yes'"),
+        ({"seed": -1}, ValueError, r"`seed` must be between 0 and"),
+        ({"W_init": torch.zeros(3, 3)}, ValueError, r"`W_init` must have shape \(16, 32\), got \(3, 3\)"),
+        ({"W_init": [[1.0]]}, TypeError, r"`W_init` must be a torch.Tensor, got list"),
+        ({"W_init": torch.full((16, 32), float("nan"))}, ValueError, r"`W_init` contains NaN or Inf"),
+    ],
+)
+def test_bad_arguments_are_named_with_value_and_fix(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    args: dict[str, object] = {"in_features": 32, "out_features": 16, "num_terms": 1, "low_rank": 2}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        SKLinear(**args)  # type: ignore[arg-type]
+
+
+def test_from_dense_rejects_other_modules() -> None:
+    with pytest.raises(TypeError, match=r"`linear` must be an nn.Linear, got Conv2d; use SKConv2d"):
+        SKLinear.from_dense(nn.Conv2d(3, 3, 1), num_terms=1, low_rank=1)  # type: ignore[arg-type]
+
+
+def test_repr_shows_the_sketch() -> None:
+    assert "num_terms=2, low_rank=3" in repr(SKLinear(16, 8, 2, 3, seed=11))
+    assert "seed=11" in repr(SKLinear(16, 8, 2, 3, seed=11))
