@@ -45,7 +45,11 @@ class Row:
 
 
 def _compare(
-    name: str, dense: Callable[[], object], sketch: Callable[[], object], flop_ratio: float, repeats: int
+    name: str,
+    dense: Callable[[], object],
+    sketch: Callable[[], object],
+    flop_ratio: float,
+    repeats: int,
 ) -> Row:
     d, s = time_interleaved([dense, sketch], repeats=repeats, warmup=3)
     row = Row(name, statistics.median(d) * 1e3, statistics.median(s) * 1e3, flop_ratio)
@@ -115,7 +119,9 @@ def conv_row(batch: int, channels: int, hw: int, L: int, k: int, repeats: int) -
 def _attention_pair(embed: int, heads: int, m: int, kernel: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     dense = nn.MultiheadAttention(embed, heads, batch_first=True).eval()
-    sk = RandMultiHeadAttention.from_dense(dense, num_random_features=m, kernel_fn=kernel, seed=0).eval()
+    sk = RandMultiHeadAttention.from_dense(
+        dense, num_random_features=m, kernel_fn=kernel, seed=0
+    ).eval()
     return dense, sk
 
 
@@ -139,7 +145,8 @@ def attention_row(
             name,
             lambda: dense(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal),
             lambda: sk(x, x, x, need_weights=False, is_causal=causal),
-            _attention_macs(seq, embed, m, causal, True) / _attention_macs(seq, embed, m, causal, False),
+            _attention_macs(seq, embed, m, causal, True)
+            / _attention_macs(seq, embed, m, causal, False),
             repeats,
         )
 
@@ -148,7 +155,9 @@ def _memory_probe(kind: str, seq: int, causal: bool) -> None:
     """Runs in a subprocess: print the peak RSS growth (MiB) of one attention forward."""
     dense, sk = _attention_pair(256, 4, 64, "softmax")
     x = torch.randn(4, seq, 256)
-    mask = nn.Transformer.generate_square_subsequent_mask(seq) if causal and kind == "dense" else None
+    mask = (
+        nn.Transformer.generate_square_subsequent_mask(seq) if causal and kind == "dense" else None
+    )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.inference_mode():
         if kind == "dense":
@@ -176,9 +185,15 @@ def memory_table(seqs: list[int]) -> list[tuple[str, int, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
-    parser.add_argument("--probe", nargs=3, metavar=("KIND", "SEQ", "CAUSAL"), help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and few repeats (smoke run)"
+    )
+    parser.add_argument(
+        "--probe", nargs=3, metavar=("KIND", "SEQ", "CAUSAL"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.probe:
         _memory_probe(args.probe[0], int(args.probe[1]), bool(int(args.probe[2])))

@@ -14,17 +14,65 @@ __version__ = "0.1.0.dev0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "AccuracyFloor": "sketchtune.evaluate",
+    "Categorical": "sketchtune.space",
+    "Evaluator": "sketchtune.evaluate",
+    "Float": "sketchtune.space",
+    "Int": "sketchtune.space",
+    "LayerConfig": "sketchtune.config",
+    "LayerPlan": "sketchtune.plan",
+    "OptunaSearch": "sketchtune.search",
+    "ParamSpec": "sketchtune.space",
     "RandMultiHeadAttention": "sketchtune.nn.attention",
+    "SKAutoTuner": "sketchtune.tuner",
     "SKConv2d": "sketchtune.nn.conv",
     "SKLinear": "sketchtune.nn.linear",
+    "SketchPlan": "sketchtune.plan",
+    "TuningConfigs": "sketchtune.config",
+    "apply_plan": "sketchtune.plan",
+    "estimate_speedup": "sketchtune.measure",
+    "format_model_tree": "sketchtune.results",
+    "measure_throughput": "sketchtune.measure",
+    "select_layers": "sketchtune.select",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "AccuracyFloor",
+    "Categorical",
+    "Evaluator",
+    "Float",
+    "Int",
+    "LayerConfig",
+    "LayerPlan",
+    "OptunaSearch",
+    "ParamSpec",
+    "RandMultiHeadAttention",
+    "SKAutoTuner",
+    "SKConv2d",
+    "SKLinear",
+    "SketchPlan",
+    "TuningConfigs",
+    "__version__",
+    "apply_plan",
+    "estimate_speedup",
+    "format_model_tree",
+    "measure_throughput",
+    "select_layers",
+]
 
 if TYPE_CHECKING:
+    from sketchtune.config import LayerConfig, TuningConfigs
+    from sketchtune.evaluate import AccuracyFloor, Evaluator
+    from sketchtune.measure import estimate_speedup, measure_throughput
     from sketchtune.nn.attention import RandMultiHeadAttention
     from sketchtune.nn.conv import SKConv2d
     from sketchtune.nn.linear import SKLinear
+    from sketchtune.plan import LayerPlan, SketchPlan, apply_plan
+    from sketchtune.results import format_model_tree
+    from sketchtune.search import OptunaSearch
+    from sketchtune.select import select_layers
+    from sketchtune.space import Categorical, Float, Int, ParamSpec
+    from sketchtune.tuner import SKAutoTuner
 
 
 def __getattr__(name: str) -> Any:

@@ -44,7 +44,7 @@ def check_int(
             value = int(value.__index__())
         else:
             raise TypeError(f"`{name}` must be an int, got {value!r} ({_type_name(value)}).")
-    if minimum is not None and value < minimum or maximum is not None and value > maximum:
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"`{name}` must be {_range_text(minimum, maximum)}{hint}, got {value}.")
     return int(value)
 
@@ -81,16 +81,16 @@ def check_float(
             value = float(value)
         else:
             raise TypeError(f"`{name}` must be a number, got {value!r} ({_type_name(value)}).")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value}.")
-    low_bad = minimum is not None and (value < minimum if min_inclusive else value <= minimum)
-    high_bad = maximum is not None and (value > maximum if max_inclusive else value >= maximum)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"`{name}` must be a finite number, got {number}.")
+    low_bad = minimum is not None and (number < minimum if min_inclusive else number <= minimum)
+    high_bad = maximum is not None and (number > maximum if max_inclusive else number >= maximum)
     if low_bad or high_bad:
         lo = "" if minimum is None else f"{minimum} {'<=' if min_inclusive else '<'} "
         hi = "" if maximum is None else f" {'<=' if max_inclusive else '<'} {maximum}"
-        raise ValueError(f"`{name}` must satisfy {lo}{name}{hi}, got {value}.")
-    return value
+        raise ValueError(f"`{name}` must satisfy {lo}{name}{hi}, got {number}.")
+    return number
 
 
 def check_bool(name: str, value: Any) -> bool:

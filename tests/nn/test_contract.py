@@ -53,7 +53,9 @@ def _attention(seed: int) -> nn.Module:
     return RandMultiHeadAttention.from_dense(mha, num_random_features=8, seed=seed)
 
 
-def _vec_inputs(features: int) -> Callable[[tuple[int, ...], torch.dtype], tuple[torch.Tensor, ...]]:
+def _vec_inputs(
+    features: int,
+) -> Callable[[tuple[int, ...], torch.dtype], tuple[torch.Tensor, ...]]:
     return lambda batch, dtype: (torch.randn(*batch, features, dtype=dtype),)
 
 

@@ -41,7 +41,12 @@ def test_equals_reference_convolution_built_from_its_factors(geometry: dict[str,
     y = layer(x)
     assert y.shape == conv(x).shape
     torch.testing.assert_close(y, _reference(layer, x), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(y, F.conv2d(x, layer.dense_weight(), conv.bias, conv.stride, conv.padding, conv.dilation), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        y,
+        F.conv2d(x, layer.dense_weight(), conv.bias, conv.stride, conv.padding, conv.dilation),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_channels_last_input_keeps_its_format_and_values() -> None:
@@ -75,10 +80,15 @@ def test_sketch_is_unbiased_and_error_shrinks_with_rank() -> None:
         err = {}
         for k in (2, 8):
             err[k] = sum(
-                float((SKConv2d.from_dense(conv, num_terms=1, low_rank=k, seed=s)(x) - ref).norm() / ref.norm())
+                float(
+                    (SKConv2d.from_dense(conv, num_terms=1, low_rank=k, seed=s)(x) - ref).norm()
+                    / ref.norm()
+                )
                 for s in range(6)
             )
-        mean = torch.stack([SKConv2d.from_dense(conv, num_terms=1, low_rank=2, seed=s)(x) for s in range(400)]).mean(0)
+        mean = torch.stack(
+            [SKConv2d.from_dense(conv, num_terms=1, low_rank=2, seed=s)(x) for s in range(400)]
+        ).mean(0)
     assert err[8] < err[2]
     assert float((mean - ref).norm() / ref.norm()) < 0.2 * err[2] / 6
 
@@ -87,20 +97,42 @@ def test_sketch_is_unbiased_and_error_shrinks_with_rank() -> None:
     ("kwargs", "error", "match"),
     [
         ({"groups": 2}, ValueError, r"`groups` must be 1 for SKConv2d, got 2"),
-        ({"padding_mode": "reflect"}, ValueError, r"`padding_mode` must be 'zeros' for SKConv2d, got 'reflect'"),
-        ({"padding": "full"}, ValueError, r"`padding` must be an int, a pair of ints, 'same' or 'valid', got 'full'"),
+        (
+            {"padding_mode": "reflect"},
+            ValueError,
+            r"`padding_mode` must be 'zeros' for SKConv2d, got 'reflect'",
+        ),
+        (
+            {"padding": "full"},
+            ValueError,
+            r"`padding` must be an int, a pair of ints, 'same' or 'valid', got 'full'",
+        ),
         ({"padding": "same", "stride": 2}, ValueError, r"`padding`='same' needs stride 1"),
         ({"kernel_size": (3, 3, 3)}, ValueError, r"`kernel_size` must be an int or a pair of ints"),
         ({"stride": 0}, ValueError, r"`stride` must be a positive int, got 0"),
         ({"padding": -1}, ValueError, r"`padding` must be a non-negative int, got -1"),
-        ({"low_rank": 40}, ValueError, r"`low_rank` must be between 1 and 8 \(min\(in_channels\*kh\*kw, out_channels\)=8\), got 40"),
-        ({"W_init": torch.zeros(8, 4, 1, 1)}, ValueError, r"`W_init` must have shape \(8, 4, 3, 3\)"),
+        (
+            {"low_rank": 40},
+            ValueError,
+            r"`low_rank` must be between 1 and 8 \(min\(in_channels\*kh\*kw, out_channels\)=8\), got 40",
+        ),
+        (
+            {"W_init": torch.zeros(8, 4, 1, 1)},
+            ValueError,
+            r"`W_init` must have shape \(8, 4, 3, 3\)",
+        ),
     ],
 )
 def test_bad_arguments_are_named_with_value_and_fix(
     kwargs: dict[str, object], error: type[Exception], match: str
 ) -> None:
-    args: dict[str, object] = {"in_channels": 4, "out_channels": 8, "kernel_size": 3, "num_terms": 1, "low_rank": 2}
+    args: dict[str, object] = {
+        "in_channels": 4,
+        "out_channels": 8,
+        "kernel_size": 3,
+        "num_terms": 1,
+        "low_rank": 2,
+    }
     args.update(kwargs)
     with pytest.raises(error, match=match):
         SKConv2d(**args)  # type: ignore[arg-type]
@@ -109,5 +141,5 @@ def test_bad_arguments_are_named_with_value_and_fix(
 def test_from_dense_rejects_unsupported_convolutions() -> None:
     with pytest.raises(ValueError, match="`groups` must be 1"):
         SKConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=4), num_terms=1, low_rank=1)
-    with pytest.raises(TypeError, match="`conv` must be an nn.Conv2d, got Linear"):
+    with pytest.raises(TypeError, match=r"`conv` must be an nn\.Conv2d, got Linear"):
         SKConv2d.from_dense(nn.Linear(3, 3), num_terms=1, low_rank=1)  # type: ignore[arg-type]

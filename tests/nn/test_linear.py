@@ -59,7 +59,9 @@ def test_error_shrinks_as_low_rank_grows() -> None:
         errors = []
         for k in (4, 16, 64):
             runs = [
-                _relative_error(SKLinear.from_dense(dense, num_terms=1, low_rank=k, seed=s)(x) - dense.bias, ref)
+                _relative_error(
+                    SKLinear.from_dense(dense, num_terms=1, low_rank=k, seed=s)(x) - dense.bias, ref
+                )
                 for s in range(8)
             ]
             errors.append(sum(runs) / len(runs))
@@ -133,9 +135,17 @@ def test_warns_when_the_sketch_is_not_smaller_than_the_dense_layer() -> None:
         ({"low_rank": True}, TypeError, r"`low_rank` must be an int, got True"),
         ({"bias": "yes"}, TypeError, r"`bias` must be True or False, got 'yes'"),
         ({"seed": -1}, ValueError, r"`seed` must be between 0 and"),
-        ({"W_init": torch.zeros(3, 3)}, ValueError, r"`W_init` must have shape \(16, 32\), got \(3, 3\)"),
+        (
+            {"W_init": torch.zeros(3, 3)},
+            ValueError,
+            r"`W_init` must have shape \(16, 32\), got \(3, 3\)",
+        ),
         ({"W_init": [[1.0]]}, TypeError, r"`W_init` must be a torch.Tensor, got list"),
-        ({"W_init": torch.full((16, 32), float("nan"))}, ValueError, r"`W_init` contains NaN or Inf"),
+        (
+            {"W_init": torch.full((16, 32), float("nan"))},
+            ValueError,
+            r"`W_init` contains NaN or Inf",
+        ),
     ],
 )
 def test_bad_arguments_are_named_with_value_and_fix(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Union
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,8 +12,8 @@ from sketchtune.nn import _sketch
 
 __all__ = ["SKConv2d"]
 
-_Size2 = Union[int, tuple[int, int]]
-_Padding = Union[int, tuple[int, int], str]
+_Size2 = int | tuple[int, int]
+_Padding = int | tuple[int, int] | str
 
 
 class SKConv2d(nn.Module):
@@ -129,8 +127,10 @@ class SKConv2d(nn.Module):
         rank = self.num_terms * self.low_rank
         gen = _sketch.generator(self.seed)
         kw_ = {"dtype": dtype, "device": device}
-        self.register_buffer("U1", _sketch.sign_matrix(self.out_channels, rank, self.low_rank, gen, **kw_))
-        u2 = _sketch.sign_matrix(rank, d_in, self.low_rank, gen, **kw_)
+        self.register_buffer(
+            "U1", _sketch.sign_matrix(self.out_channels, rank, self.low_rank, gen, dtype=dtype, device=device)
+        )
+        u2 = _sketch.sign_matrix(rank, d_in, self.low_rank, gen, dtype=dtype, device=device)
         self.register_buffer("U2", u2.view(rank, self.in_channels, kh, kw))
         self.S1 = nn.Parameter(torch.empty(rank, self.in_channels, kh, kw, **kw_))  # type: ignore[arg-type]
         self.S2 = nn.Parameter(torch.empty(self.out_channels, rank, **kw_))  # type: ignore[arg-type]

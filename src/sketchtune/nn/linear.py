@@ -105,8 +105,12 @@ class SKLinear(nn.Module):
         rank = self.num_terms * self.low_rank
         gen = _sketch.generator(self.seed)
         kw = {"dtype": dtype, "device": device}
-        self.register_buffer("U1", _sketch.sign_matrix(rank, self.out_features, self.low_rank, gen, **kw))
-        self.register_buffer("U2", _sketch.sign_matrix(self.in_features, rank, self.low_rank, gen, **kw))
+        self.register_buffer(
+            "U1", _sketch.sign_matrix(rank, self.out_features, self.low_rank, gen, dtype=dtype, device=device)
+        )
+        self.register_buffer(
+            "U2", _sketch.sign_matrix(self.in_features, rank, self.low_rank, gen, dtype=dtype, device=device)
+        )
         self.S1 = nn.Parameter(torch.empty(self.in_features, rank, **kw))  # type: ignore[arg-type]
         self.S2 = nn.Parameter(torch.empty(rank, self.out_features, **kw))  # type: ignore[arg-type]
         self.bias = (
@@ -184,7 +188,7 @@ class SKLinear(nn.Module):
         else:
             y = torch.mm(h1, self.U1)
             y = y.addmm_(h2, self.S2, beta=s, alpha=s)
-        return y.view(shape[:-1] + (self.out_features,))
+        return y.view((*shape[:-1], self.out_features))
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
@@ -202,4 +206,3 @@ class SKLinear(nn.Module):
             f"num_terms={self.num_terms}, low_rank={self.low_rank}, "
             f"bias={self.bias is not None}, seed={self.seed}"
         )
-

@@ -1,0 +1,180 @@
+"""How a trial is judged: the accuracy floor, evaluators, and the speed models.
+
+An :class:`Evaluator` measures the model's accuracy (and, optionally, its
+throughput). :class:`FunctionEvaluator` wraps the seed API's plain functions;
+the Lightning integration provides one built on the Trainer's loops. The tuner
+never calls user code except through an evaluator.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import nn
+
+from sketchtune._validation import check_choice, check_float
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["AccuracyFloor", "Evaluator", "FunctionEvaluator"]
+
+Mode = Literal["max", "min"]
+
+
+@dataclass(frozen=True)
+class AccuracyFloor:
+    """The accuracy a sketched model must keep.
+
+    Attributes:
+        value: the bound on the metric (``None``: every trial is feasible).
+        mode: ``"max"`` when higher is better (accuracy: feasible if metric >= value),
+            ``"min"`` when lower is better (a loss: feasible if metric <= value).
+    """
+
+    value: float | None
+    mode: Mode = "max"
+
+    def violation(self, metric: float) -> float:
+        """How far ``metric`` is on the wrong side of the floor (<= 0 means feasible)."""
+        if self.value is None:
+            return 0.0
+        return self.value - metric if self.mode == "max" else metric - self.value
+
+    def feasible(self, metric: float) -> bool:
+        return self.violation(metric) <= 0.0
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether metric ``a`` is strictly better than ``b``."""
+        return a > b if self.mode == "max" else a < b
+
+    def describe(self) -> str:
+        if self.value is None:
+            return "no accuracy floor"
+        return f"{'>=' if self.mode == 'max' else '<='} {self.value:.6g}"
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        threshold: float | None,
+        max_drop: float | str | None,
+        baseline: float | None,
+        mode: Mode = "max",
+    ) -> AccuracyFloor:
+        """The floor from an absolute ``threshold`` or a ``max_drop`` below the dense ``baseline``.
+
+        ``max_drop`` is in the metric's units (``0.01`` = one point of a 0..1
+        accuracy), or a string ending in ``%`` for a drop relative to the
+        baseline (``"1%"``).
+        """
+        check_choice("mode", mode, ("max", "min"))
+        if threshold is not None and max_drop is not None:
+            raise ValueError(
+                f"give `accuracy_threshold` or `max_accuracy_drop`, not both (got {threshold!r} and {max_drop!r})."
+            )
+        if threshold is not None:
+            return cls(check_float("accuracy_threshold", threshold), mode)
+        if max_drop is None:
+            return cls(None, mode)
+        if baseline is None:
+            raise ValueError(
+                "`max_accuracy_drop` needs the dense model's accuracy, which was not measured."
+            )
+        drop = parse_drop(max_drop)
+        amount = drop[0] * abs(baseline) if drop[1] else drop[0]
+        return cls(baseline - amount if mode == "max" else baseline + amount, mode)
+
+
+def parse_drop(value: float | str) -> tuple[float, bool]:
+    """``(amount, relative)`` from ``0.01`` or ``"1%"``; errors name ``max_accuracy_drop``."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.endswith("%"):
+            raise ValueError(
+                f"`max_accuracy_drop` must be a number (absolute drop) or a percentage string "
+                f"like '1%' (relative drop), got {value!r}."
+            )
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ValueError(
+                f"`max_accuracy_drop` percentage is not a number: {value!r}."
+            ) from None
+        return check_float("max_accuracy_drop", pct, minimum=0.0, maximum=100.0) / 100.0, True
+    return check_float("max_accuracy_drop", value, minimum=0.0), False
+
+
+class Evaluator(ABC):
+    """Measures a model for the tuner.
+
+    ``accuracy`` is required; ``throughput`` is optional (``has_throughput``).
+    An evaluator may raise ``optuna.TrialPruned`` from ``accuracy`` when
+    ``trial`` is given (intermediate reports, per-trial fine-tuning).
+    """
+
+    #: whether ``throughput`` is implemented
+    has_throughput: bool = False
+
+    @abstractmethod
+    def accuracy(
+        self, model: nn.Module, *, trial: optuna.Trial | None, floor: AccuracyFloor
+    ) -> float:
+        """The model's accuracy metric; ``trial`` is ``None`` for the dense baseline."""
+
+    def throughput(self, model: nn.Module) -> float:
+        """The model's speed (higher is faster), e.g. samples per second."""
+        raise NotImplementedError(f"{type(self).__name__} does not measure speed")
+
+
+class FunctionEvaluator(Evaluator):
+    """Wraps the seed API's ``accuracy_eval_func(model)`` and ``optimization_eval_func(model)``."""
+
+    def __init__(
+        self,
+        accuracy_fn: Callable[[nn.Module], Any],
+        speed_fn: Callable[[nn.Module], Any] | None = None,
+    ) -> None:
+        if not callable(accuracy_fn):
+            raise TypeError(
+                f"`accuracy_eval_func` must be a callable model -> float, got {type(accuracy_fn).__name__}."
+            )
+        if speed_fn is not None and not callable(speed_fn):
+            raise TypeError(
+                "`optimization_eval_func` must be a callable model -> float (higher is faster) or "
+                f"'flops', got {speed_fn!r}."
+            )
+        self._accuracy_fn = accuracy_fn
+        self._speed_fn = speed_fn
+        self.has_throughput = speed_fn is not None
+
+    def accuracy(
+        self, model: nn.Module, *, trial: optuna.Trial | None, floor: AccuracyFloor
+    ) -> float:
+        return as_metric(self._accuracy_fn(model), "accuracy_eval_func")
+
+    def throughput(self, model: nn.Module) -> float:
+        if self._speed_fn is None:
+            raise NotImplementedError("no optimization_eval_func was given")
+        return as_metric(self._speed_fn(model), "optimization_eval_func")
+
+
+class NonFiniteMetric(ValueError):
+    """An evaluator returned NaN or infinity: the trial fails with this reason."""
+
+
+def as_metric(value: Any, source: str) -> float:
+    """``value`` as a float; NaN/inf raise :class:`NonFiniteMetric`, other types ``TypeError``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{source} must return a number, got {value!r} ({type(value).__name__})."
+        ) from None
+    if not math.isfinite(number):
+        raise NonFiniteMetric(f"{source} returned {number}")
+    return number

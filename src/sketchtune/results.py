@@ -1,0 +1,216 @@
+"""Results: the trials table, plots (Pareto front, history) and a model tree of what was swapped."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from sketchtune.registry import kind_of, sketch_of
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from sketchtune.tuner import TrialRecord
+
+__all__ = ["format_model_tree", "plot_history", "plot_pareto", "records_dataframe"]
+
+_FIXED_COLUMNS = [
+    "accuracy",
+    "speed",
+    "speedup",
+    "score",
+    "feasible",
+    "trial",
+    "state",
+    "duration",
+    "reason",
+]
+
+
+def records_dataframe(records: Sequence[TrialRecord]) -> pd.DataFrame:
+    """One row per trial: ``layer_name``, one column per parameter, then the metrics."""
+    import pandas as pd
+
+    param_names: list[str] = []
+    for record in records:
+        for name in record.params:
+            if name not in param_names:
+                param_names.append(name)
+    rows = []
+    for r in records:
+        row: dict[str, Any] = {"layer_name": r.layer_name}
+        row.update({p: r.params.get(p) for p in param_names})
+        row.update(
+            accuracy=r.accuracy,
+            speed=r.speed,
+            speedup=r.speedup,
+            score=r.score,
+            feasible=r.feasible,
+            trial=r.trial,
+            state=r.state,
+            duration=r.duration,
+            reason=r.reason,
+        )
+        rows.append(row)
+    columns = ["layer_name", *param_names, *_FIXED_COLUMNS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def format_model_tree(model: nn.Module, *, max_depth: int | None = None) -> str:
+    """The module tree, marking sketched layers (``*``) and layers that could be sketched (``.``).
+
+    Example:
+        >>> import torch
+        >>> from sketchtune.nn import SKLinear
+        >>> print(format_model_tree(torch.nn.Sequential(SKLinear(64, 64, 1, 8, seed=0), torch.nn.ReLU())))
+        Sequential
+        ├── 0: SKLinear  * num_terms=1 low_rank=8
+        └── 1: ReLU
+        (* sketched: 1, . sketchable dense: 0)
+    """
+    lines = [type(model).__name__]
+    counts = {"sketched": 0, "dense": 0}
+
+    def label(module: nn.Module) -> str:
+        sketched = sketch_of(module)
+        if sketched is not None:
+            counts["sketched"] += 1
+            params = " ".join(f"{k}={v}" for k, v in sketched[1].items())
+            return f"{type(module).__name__}  * {params}"
+        kind = kind_of(module)
+        if kind is not None:
+            counts["dense"] += 1
+            return f"{kind.describe(module)}  ."
+        return type(module).__name__
+
+    def walk(module: nn.Module, prefix: str, depth: int) -> None:
+        if sketch_of(module) is not None or isinstance(module, nn.MultiheadAttention):
+            return  # priced and swapped whole
+        children = list(module.named_children())
+        for i, (name, child) in enumerate(children):
+            last = i == len(children) - 1
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{name}: {label(child)}")
+            if max_depth is None or depth + 1 < max_depth:
+                walk(child, prefix + ("    " if last else "│   "), depth + 1)
+
+    walk(model, "", 0)
+    lines.append(f"(* sketched: {counts['sketched']}, . sketchable dense: {counts['dense']})")
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "plotting needs matplotlib: pip install 'sketchtune[plots]' (or matplotlib)."
+        ) from None
+    if os.environ.get("MPLBACKEND") is None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pareto(
+    records: Sequence[TrialRecord],
+    path: str | os.PathLike[str],
+    *,
+    floor: float | None = None,
+    dense_accuracy: float | None = None,
+    title: str = "Accuracy vs speedup",
+) -> None:
+    """Scatter every measured trial (accuracy vs speedup), feasible ones highlighted, floor drawn."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    done = [r for r in records if r.accuracy is not None and r.state == "COMPLETE"]
+    feasible = [r for r in done if r.feasible and r.speedup is not None]
+    infeasible = [r for r in done if not r.feasible]
+    if infeasible:
+        # Their speed is never measured (it would not count); the FLOP model places them.
+        ax.scatter(
+            [r.flops_speedup if r.flops_speedup is not None else 1.0 for r in infeasible],
+            [r.accuracy for r in infeasible],
+            marker="x",
+            color="#999999",
+            label=f"below the floor ({len(infeasible)}; x = FLOP estimate)",
+        )
+    if feasible:
+        ax.scatter(
+            [r.speedup for r in feasible],
+            [r.accuracy for r in feasible],
+            color="#1f77b4",
+            label=f"feasible ({len(feasible)})",
+        )
+        front = _pareto_front(
+            [(float(r.speedup or 0.0), float(r.accuracy or 0.0)) for r in feasible]
+        )
+        ax.plot(
+            [p[0] for p in front],
+            [p[1] for p in front],
+            color="#1f77b4",
+            alpha=0.5,
+            drawstyle="steps-post",
+        )
+        best = max(feasible, key=lambda r: r.speedup or 0.0)
+        ax.scatter(
+            [best.speedup],
+            [best.accuracy],
+            s=160,
+            facecolors="none",
+            edgecolors="#d62728",
+            label=f"best {best.speedup:.2f}x",
+        )
+    if floor is not None:
+        ax.axhline(floor, color="#d62728", linestyle="--", linewidth=1, label=f"floor {floor:.4g}")
+    if dense_accuracy is not None:
+        ax.scatter([1.0], [dense_accuracy], marker="*", s=140, color="black", label="dense model")
+    ax.set_xlabel("speedup over the dense model (x)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    front: list[tuple[float, float]] = []
+    for speed, acc in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not front or acc > front[-1][1]:
+            front.append((speed, acc))
+    return sorted(front)
+
+
+def plot_history(
+    records: Sequence[TrialRecord], path: str | os.PathLike[str], *, title: str = "Tuning history"
+) -> None:
+    """Best feasible score (speedup) after each trial, per study, with every trial's score dotted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for label in dict.fromkeys(r.layer_name for r in records):
+        rows = sorted((r for r in records if r.layer_name == label), key=lambda r: r.trial)
+        best = -math.inf
+        xs, bests, scores = [], [], []
+        for r in rows:
+            if r.feasible:
+                best = max(best, r.score)
+            xs.append(r.trial + 1)
+            bests.append(best if best > -math.inf else math.nan)
+            scores.append(r.score if r.feasible else math.nan)
+        (line,) = ax.plot(xs, bests, drawstyle="steps-post", label=f"{label} best")
+        ax.scatter(xs, scores, s=12, color=line.get_color(), alpha=0.5)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("best feasible score (speedup)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len({r.layer_name for r in records}) <= 8:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

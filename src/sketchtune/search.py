@@ -1,0 +1,290 @@
+"""OptunaSearch: the study, its storage, sampler and pruner, and the trial budget.
+
+Optuna is the search engine; this class only configures it for sketch tuning:
+
+- ``storage`` may be an RDB URL (``sqlite:///tune.db``, ``postgresql+psycopg://...``).
+  Such storages get Optuna's heartbeat, so a trial left RUNNING by a crashed or
+  killed process is failed once its heartbeat is stale, and its parameters are
+  retried (``RetryFailedTrialCallback``).
+- ``n_trials`` is the study's **total** budget: counted are COMPLETE and PRUNED
+  trials and trials that failed for a recorded reason (a non-finite metric, say),
+  never crashed ones. Re-running the same command against the same storage and
+  ``study_name`` (with ``load_if_exists=True``) therefore finishes the budget,
+  and several processes sharing one study share one budget.
+- With several studies (one per layer for the ``separate`` strategy) each study
+  is named ``f"{study_name}/{layer}"``, so storages never see duplicate names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sketchtune._validation import check_choice, check_float, check_int, check_seed
+
+__all__ = ["OptunaSearch"]
+
+# user attrs written on every trial
+ATTR_REASON = "sketchtune:fail_reason"
+
+
+class OptunaSearch:
+    """Optuna-backed search (the default): TPE unless another sampler is given.
+
+    Args:
+        n_trials: total trials per study (see the module doc for what counts).
+        sampler: any Optuna sampler (TPE, CMA-ES, Random, Grid, NSGA-II, ...);
+            ``None`` is ``TPESampler(seed=seed)``.
+        pruner: an Optuna pruner, used when trials report intermediate values
+            (per-trial fine-tuning in the Lightning callback).
+        direction: must be ``"maximize"`` (speedup, or accuracy without a speed function).
+        study_name: study name; with several studies, the prefix of their names.
+        storage: ``None`` (in memory), an RDB URL, or an ``optuna.storages.BaseStorage``.
+        load_if_exists: resume an existing study of the same name instead of failing.
+        seed: seed of the default sampler and of the sketched layers' random matrices.
+        timeout: wall-clock limit in seconds for the whole ``tune()`` call.
+        heartbeat_interval: seconds between heartbeats of RDB storages (``None``: off).
+        grace_period: seconds without heartbeat after which a RUNNING trial counts as
+            crashed (default: ``2 * heartbeat_interval``).
+        max_retry: how many times a crashed trial's parameters are retried.
+
+    Attributes:
+        study: the most recently opened study.
+        studies: every study opened by the last ``tune()``, by key (layer or group name).
+
+    Example:
+        >>> from optuna.samplers import RandomSampler
+        >>> search = OptunaSearch(n_trials=20, sampler=RandomSampler(seed=0))
+        >>> search.n_trials
+        20
+    """
+
+    def __init__(
+        self,
+        n_trials: int | None = 100,
+        sampler: optuna.samplers.BaseSampler | None = None,
+        pruner: optuna.pruners.BasePruner | None = None,
+        direction: str = "maximize",
+        study_name: str | None = None,
+        storage: str | optuna.storages.BaseStorage | None = None,
+        load_if_exists: bool = False,
+        seed: int | None = None,
+        timeout: float | None = None,
+        *,
+        heartbeat_interval: int | None = 10,
+        grace_period: int | None = None,
+        max_retry: int = 2,
+    ) -> None:
+        self.n_trials = None if n_trials is None else check_int("n_trials", n_trials, minimum=1)
+        if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
+            raise TypeError(f"`sampler` must be an Optuna sampler, got {type(sampler).__name__}.")
+        if pruner is not None and not isinstance(pruner, optuna.pruners.BasePruner):
+            raise TypeError(f"`pruner` must be an Optuna pruner, got {type(pruner).__name__}.")
+        check_choice("direction", direction, ("maximize",))
+        if study_name is not None and (not isinstance(study_name, str) or not study_name):
+            raise ValueError(f"`study_name` must be a non-empty string, got {study_name!r}.")
+        if storage is not None and not isinstance(storage, (str, optuna.storages.BaseStorage)):
+            raise TypeError(
+                f"`storage` must be None, an RDB URL string or an Optuna storage, got {type(storage).__name__}."
+            )
+        self.seed = check_seed("seed", seed)
+        self.timeout = (
+            None
+            if timeout is None
+            else check_float("timeout", timeout, minimum=0.0, min_inclusive=False)
+        )
+        self.heartbeat_interval = (
+            None
+            if heartbeat_interval is None
+            else check_int("heartbeat_interval", heartbeat_interval, minimum=1)
+        )
+        self.grace_period = (
+            None if grace_period is None else check_int("grace_period", grace_period, minimum=1)
+        )
+        self.max_retry = check_int("max_retry", max_retry, minimum=0)
+        self._default_sampler = sampler is None
+        self.sampler = sampler if sampler is not None else optuna.samplers.TPESampler(seed=seed)
+        self.pruner = pruner
+        self.direction = direction
+        self.study_name = study_name
+        self.storage = storage
+        self.load_if_exists = bool(load_if_exists)
+        self.study: optuna.Study | None = None
+        self.studies: dict[str, optuna.Study] = {}
+        self._storage_obj: optuna.storages.BaseStorage | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"OptunaSearch(n_trials={self.n_trials}, sampler={type(self.sampler).__name__}, "
+            f"study_name={self.study_name!r}, storage={redact(self.storage)!r})"
+        )
+
+    # -- storage and studies -------------------------------------------------------------
+
+    def open_storage(self) -> optuna.storages.BaseStorage | None:
+        """The storage object, created once (``None`` means in memory)."""
+        if self.storage is None or isinstance(self.storage, optuna.storages.BaseStorage):
+            return self.storage
+        if self._storage_obj is None:
+            self._storage_obj = open_rdb_storage(
+                self.storage,
+                heartbeat_interval=self.heartbeat_interval,
+                grace_period=self.grace_period,
+                max_retry=self.max_retry,
+            )
+        return self._storage_obj
+
+    def study_name_for(self, key: str | None) -> str | None:
+        if key is None:
+            return self.study_name
+        if self.study_name is None:
+            return None if self.storage is None else f"sketchtune/{key}"
+        return f"{self.study_name}/{key}"
+
+    def open_study(self, key: str | None) -> optuna.Study:
+        """Create (or, with ``load_if_exists``, load) the study for ``key`` (``None``: the only one)."""
+        name = self.study_name_for(key)
+        try:
+            study = optuna.create_study(
+                storage=self.open_storage(),
+                sampler=self.sampler,
+                pruner=self.pruner,
+                study_name=name,
+                direction="maximize",
+                load_if_exists=self.load_if_exists,
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            raise ValueError(
+                f"study {name!r} already exists in storage {redact(self.storage)!r}; pass "
+                "load_if_exists=True to resume it, or choose another study_name."
+            ) from None
+        if self._default_sampler and self.seed is not None:
+            # A resumed study with a re-seeded sampler would replay the first run's
+            # suggestions; continue the seeded sequence from where the study stands instead.
+            done = len(study.get_trials(deepcopy=False))
+            if done:
+                study.sampler = optuna.samplers.TPESampler(seed=(self.seed + done) % 2**32)
+        self.study = study
+        self.studies[key or name or "study"] = study
+        return study
+
+    # -- budget ----------------------------------------------------------------------------
+
+    def counted_trials(self, study: optuna.Study) -> int:
+        """Trials that used up budget: COMPLETE, PRUNED, and FAIL with a recorded reason."""
+        return sum(1 for t in study.get_trials(deepcopy=False) if counts_against_budget(t))
+
+    def remaining(self, study: optuna.Study) -> int | None:
+        """Trials still to run in ``study`` (``None``: unlimited), counting RUNNING ones as used."""
+        if self.n_trials is None:
+            return None
+        trials = study.get_trials(deepcopy=False)
+        used = sum(1 for t in trials if counts_against_budget(t) or t.state == TrialState.RUNNING)
+        return max(0, self.n_trials - used)
+
+    def run(
+        self,
+        study: optuna.Study,
+        objective: Callable[[optuna.Trial], float],
+        *,
+        deadline: float | None,
+        catch: tuple[type[Exception], ...],
+        after_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    ) -> None:
+        """Run trials of ``study`` until its budget, the deadline or the grid is exhausted."""
+        callbacks = [] if after_trial is None else [after_trial]
+        while True:
+            left = self.remaining(study)
+            if left is not None and left <= 0:
+                if not self._wait_for_running(study, deadline):
+                    return
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if grid_exhausted(self.sampler, study):
+                return
+            study.optimize(
+                objective, n_trials=1, catch=catch, callbacks=callbacks, gc_after_trial=False
+            )
+
+    def _wait_for_running(self, study: optuna.Study, deadline: float | None) -> bool:
+        """With the budget used up but trials still RUNNING elsewhere, wait for them to end.
+
+        A RUNNING trial may belong to a live worker (it will finish) or to a
+        crashed one (its heartbeat goes stale, Optuna fails it, and the retry
+        callback re-enqueues its parameters, which frees budget for this process).
+        Returns whether the loop should continue. Without a heartbeat nothing
+        can tell a crashed trial from a live one, so it does not wait.
+        """
+        if self._storage_obj is None or self.heartbeat_interval is None:
+            return False
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running or (deadline is not None and time.monotonic() >= deadline):
+            return False
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(min(1.0, float(self.heartbeat_interval)))
+        return True
+
+
+def counts_against_budget(trial: FrozenTrial) -> bool:
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and ATTR_REASON in trial.user_attrs
+
+
+def grid_exhausted(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:
+    if isinstance(sampler, optuna.samplers.GridSampler):
+        return bool(sampler.is_exhausted(study))
+    return False
+
+
+def open_rdb_storage(
+    url: str, *, heartbeat_interval: int | None, grace_period: int | None, max_retry: int
+) -> optuna.storages.BaseStorage:
+    """An ``RDBStorage`` with heartbeat and crash retry; an unreachable URL is a one-line error."""
+    kwargs: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
+        # Optuna 4.9 renamed the callback argument; use whichever this version has.
+        params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+        key = (
+            "heartbeat_stale_trial_callback"
+            if "heartbeat_stale_trial_callback" in params
+            else "failed_trial_callback"
+        )
+        kwargs.update(
+            {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period, key: retry}
+        )
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as exc:  # sqlalchemy raises many types; the message is what matters
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"could not open the Optuna storage {redact(url)!r}: {first}. Check that the URL is "
+            "right (e.g. sqlite:///tune.db or postgresql+psycopg://user:pass@host/db), that the "
+            "database server is running and reachable, and that its driver is installed."
+        ) from None
+
+
+def redact(storage: object) -> object:
+    """The storage for messages: URLs without their password."""
+    if isinstance(storage, str):
+        return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", storage)
+    return storage if storage is None else type(storage).__name__
+
+
+def frozen_params_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A hashable key of a trial's parameters (bool and int kept apart)."""
+    return tuple(sorted((k, (type(v).__name__, v)) for k, v in params.items()))
+
+
+def finished(
+    study: optuna.Study, states: Sequence[TrialState] = (TrialState.COMPLETE,)
+) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=tuple(states))
