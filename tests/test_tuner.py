@@ -300,10 +300,10 @@ def test_duplicate_suggestions_are_answered_from_the_finished_trial(mlp: MLP) ->
     assert study is not None
     assert len(study.trials) == 8 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert evaluations == [0, 1, 1]  # the dense baseline, then each distinct plan once
-    twins = [t for t in study.trials if "sketchtune:duplicate_of" in t.user_attrs]
+    twins = [t for t in study.trials if "duplicate_of" in t.user_attrs["sketchtune"]]
     assert len(twins) == 6
     for t in twins:
-        original = study.trials[t.user_attrs["sketchtune:duplicate_of"]]
+        original = study.trials[t.user_attrs["sketchtune"]["duplicate_of"]]
         assert original.params == t.params and original.value == t.value
 
 

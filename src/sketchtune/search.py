@@ -17,6 +17,7 @@ Optuna is the search engine; this class only configures it for sketch tuning:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import time
@@ -30,8 +31,8 @@ from sketchtune._validation import check_choice, check_float, check_int, check_s
 
 __all__ = ["OptunaSearch"]
 
-# user attrs written on every trial
-ATTR_REASON = "sketchtune:fail_reason"
+# Everything sketchtune records about a trial sits in one user attr (one storage write).
+ATTR = "sketchtune"
 
 
 class OptunaSearch:
@@ -109,7 +110,7 @@ class OptunaSearch:
         )
         self.max_retry = check_int("max_retry", max_retry, minimum=0)
         self._default_sampler = sampler is None
-        self.sampler = sampler if sampler is not None else optuna.samplers.TPESampler(seed=seed)
+        self.sampler = sampler if sampler is not None else default_sampler(seed)
         self.pruner = pruner
         self.direction = direction
         self.study_name = study_name
@@ -118,6 +119,7 @@ class OptunaSearch:
         self.study: optuna.Study | None = None
         self.studies: dict[str, optuna.Study] = {}
         self._storage_obj: optuna.storages.BaseStorage | None = None
+        self.snapshot: list[FrozenTrial] = []
 
     def __repr__(self) -> str:
         return (
@@ -150,10 +152,13 @@ class OptunaSearch:
     def open_study(self, key: str | None) -> optuna.Study:
         """Create (or, with ``load_if_exists``, load) the study for ``key`` (``None``: the only one)."""
         name = self.study_name_for(key)
+        # Samplers keep per-study state (TPE's intersection search space, CMA-ES's
+        # generations), so every study gets its own copy of the configured sampler.
+        sampler = copy.deepcopy(self.sampler)
         try:
             study = optuna.create_study(
                 storage=self.open_storage(),
-                sampler=self.sampler,
+                sampler=sampler,
                 pruner=self.pruner,
                 study_name=name,
                 direction="maximize",
@@ -169,7 +174,7 @@ class OptunaSearch:
             # suggestions; continue the seeded sequence from where the study stands instead.
             done = len(study.get_trials(deepcopy=False))
             if done:
-                study.sampler = optuna.samplers.TPESampler(seed=(self.seed + done) % 2**32)
+                study.sampler = default_sampler((self.seed + done) % 2**32)
         self.study = study
         self.studies[key or name or "study"] = study
         return study
@@ -180,11 +185,10 @@ class OptunaSearch:
         """Trials that used up budget: COMPLETE, PRUNED, and FAIL with a recorded reason."""
         return sum(1 for t in study.get_trials(deepcopy=False) if counts_against_budget(t))
 
-    def remaining(self, study: optuna.Study) -> int | None:
-        """Trials still to run in ``study`` (``None``: unlimited), counting RUNNING ones as used."""
+    def remaining(self, trials: Sequence[FrozenTrial]) -> int | None:
+        """Trials still to run given the study's ``trials`` (``None``: unlimited); RUNNING ones count as used."""
         if self.n_trials is None:
             return None
-        trials = study.get_trials(deepcopy=False)
         used = sum(1 for t in trials if counts_against_budget(t) or t.state == TrialState.RUNNING)
         return max(0, self.n_trials - used)
 
@@ -197,10 +201,15 @@ class OptunaSearch:
         catch: tuple[type[Exception], ...],
         after_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
     ) -> None:
-        """Run trials of ``study`` until its budget, the deadline or the grid is exhausted."""
+        """Run trials of ``study`` until its budget, the deadline or the grid is exhausted.
+
+        Before each trial the study's trials are read once; ``snapshot`` keeps them
+        for the objective (duplicate detection), so a trial costs one storage read.
+        """
         callbacks = [] if after_trial is None else [after_trial]
         while True:
-            left = self.remaining(study)
+            self.snapshot = study.get_trials(deepcopy=False)
+            left = self.remaining(self.snapshot)
             if left is not None and left <= 0:
                 if not self._wait_for_running(study, deadline):
                     return
@@ -232,10 +241,25 @@ class OptunaSearch:
         return True
 
 
+def default_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
+    """TPE; on Optuna 4 (no ``Trial.set_constraint``) it reads the constraint sketchtune records."""
+    if hasattr(optuna.trial.Trial, "set_constraint"):
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed, constraints_func=lambda t: (float(trial_info(t).get("constraint", 0.0)),)
+    )
+
+
 def counts_against_budget(trial: FrozenTrial) -> bool:
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and ATTR_REASON in trial.user_attrs
+    return trial.state == TrialState.FAIL and "reason" in trial_info(trial)
+
+
+def trial_info(trial: FrozenTrial) -> dict[str, Any]:
+    """What sketchtune recorded about ``trial`` (accuracy, speedup, plan, reason, ...)."""
+    info = trial.user_attrs.get(ATTR)
+    return info if isinstance(info, dict) else {}
 
 
 def grid_exhausted(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:
@@ -262,7 +286,7 @@ def open_rdb_storage(
             {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period, key: retry}
         )
     try:
-        return optuna.storages.RDBStorage(url, **kwargs)
+        storage = optuna.storages.RDBStorage(url, **kwargs)
     except Exception as exc:  # sqlalchemy raises many types; the message is what matters
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
@@ -270,6 +294,24 @@ def open_rdb_storage(
             "right (e.g. sqlite:///tune.db or postgresql+psycopg://user:pass@host/db), that the "
             "database server is running and reachable, and that its driver is installed."
         ) from None
+    if url.startswith("sqlite"):
+        _fast_sqlite(storage)
+    return storage
+
+
+def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
+    """WAL journal and normal sync: each commit no longer waits for two fsyncs, and several
+    processes can read while one writes. Durable across process crashes (not power loss)."""
+    import sqlalchemy
+
+    def on_connect(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    sqlalchemy.event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # reconnect with the pragmas
 
 
 def redact(storage: object) -> object:

@@ -49,9 +49,10 @@ from sketchtune.measure import ShapeRecorder, layer_macs
 from sketchtune.plan import LayerPlan, SketchPlan, Swap, apply_plan
 from sketchtune.registry import SketchKind, kind_named
 from sketchtune.search import (
-    ATTR_REASON,
+    ATTR,
     OptunaSearch,
     frozen_params_key,
+    trial_info,
     redact,
 )
 from sketchtune.select import select_layers, sketchable_layers
@@ -64,13 +65,6 @@ log = logging.getLogger("sketchtune")
 Strategy = Literal["separate", "joint", "global"]
 SpeedSpec = Callable[[nn.Module], Any] | Literal["flops"] | None
 
-_ATTR_ACCURACY = "sketchtune:accuracy"
-_ATTR_SPEED = "sketchtune:speed"
-_ATTR_SPEEDUP = "sketchtune:speedup"
-_ATTR_FEASIBLE = "sketchtune:feasible"
-_ATTR_PLAN = "sketchtune:plan"
-_ATTR_TWIN = "sketchtune:duplicate_of"
-_ATTR_FLOPS = "sketchtune:flops_speedup"
 _STUDY_DENSE = "sketchtune:dense_accuracy"
 _RESULTS_TYPE = "sketchtune.TuningResults"
 _RESULTS_VERSION = 1
@@ -475,33 +469,28 @@ class SKAutoTuner:
     def _objective(self, run: _StudyPlan) -> Callable[[optuna.Trial], float]:
         def objective(trial: optuna.Trial) -> float:
             plan = self._suggest(run, trial)
-            twin = _finished_twin(trial)
+            twin = _finished_twin(trial, self.search_algorithm.snapshot)
             if twin is not None:
-                for key in (
-                    _ATTR_ACCURACY,
-                    _ATTR_SPEED,
-                    _ATTR_SPEEDUP,
-                    _ATTR_FEASIBLE,
-                    _ATTR_PLAN,
-                    _ATTR_FLOPS,
-                ):
-                    if key in twin.user_attrs:
-                        trial.set_user_attr(key, twin.user_attrs[key])
-                trial.set_user_attr(_ATTR_TWIN, twin.number)
+                trial.set_user_attr(ATTR, {**trial_info(twin), "duplicate_of": twin.number})
                 _set_constraint(trial, _constraint_of(twin))
                 assert twin.value is not None
                 return twin.value
-            trial.set_user_attr(_ATTR_PLAN, plan.to_dict()["layers"])
+            info: dict[str, Any] = {"plan": plan.to_dict()["layers"]}
             try:
                 outcome = self._evaluate(plan, trial)
             except _TrialFailed as exc:
-                trial.set_user_attr(ATTR_REASON, str(exc))
+                trial.set_user_attr(ATTR, {**info, "reason": str(exc)})
                 raise
-            trial.set_user_attr(_ATTR_ACCURACY, outcome.accuracy)
-            trial.set_user_attr(_ATTR_SPEED, outcome.speed)
-            trial.set_user_attr(_ATTR_SPEEDUP, outcome.speedup)
-            trial.set_user_attr(_ATTR_FEASIBLE, outcome.feasible)
-            trial.set_user_attr(_ATTR_FLOPS, outcome.flops_speedup)
+            info.update(
+                accuracy=outcome.accuracy,
+                speed=outcome.speed,
+                speedup=outcome.speedup,
+                feasible=outcome.feasible,
+                flops_speedup=outcome.flops_speedup,
+            )
+            if not hasattr(trial, "set_constraint"):  # Optuna 4: read by constraints_func
+                info["constraint"] = outcome.violation
+            trial.set_user_attr(ATTR, info)
             _set_constraint(trial, outcome.violation)
             return outcome.value(self.mode)
 
@@ -526,8 +515,9 @@ class SKAutoTuner:
                     outcome = f"{accuracy}, speedup {record.speedup:.2f}x"
                 else:
                     outcome = accuracy
-                if record.plan and _ATTR_TWIN in trial.user_attrs:
-                    outcome += f" (same as trial {trial.user_attrs[_ATTR_TWIN]})"
+                twin = trial_info(trial).get("duplicate_of")
+                if twin is not None:
+                    outcome += f" (same as trial {twin})"
             best = self._best_by_study.get(run.label)
             best_text = f" | best {_score_text(best)}" if best else ""
             self._say(
@@ -897,8 +887,6 @@ def _versions(module: nn.Module) -> list[int]:
 def _set_constraint(trial: optuna.Trial, violation: float) -> None:
     if hasattr(trial, "set_constraint"):
         trial.set_constraint("accuracy", violation)
-    else:  # Optuna 4: read back by the default sampler's constraints_func
-        trial.set_user_attr("sketchtune:constraint", violation)
 
 
 def _constraint_of(trial: FrozenTrial) -> float:
@@ -907,16 +895,17 @@ def _constraint_of(trial: FrozenTrial) -> float:
         return float(
             next(iter(constraints.values())) if isinstance(constraints, dict) else constraints[0]
         )
-    return float(trial.user_attrs.get("sketchtune:constraint", 0.0))
+    return float(trial_info(trial).get("constraint", 0.0))
 
 
-def _finished_twin(trial: optuna.Trial) -> FrozenTrial | None:
-    """A COMPLETE trial of the same study with the same parameters, if any."""
+def _finished_twin(trial: optuna.Trial, trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """A COMPLETE trial among ``trials`` (the study, read just before this trial) with the same parameters."""
     key = frozen_params_key(trial.params)
-    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for other in trials:
         if (
-            other.number != trial.number
-            and _ATTR_ACCURACY in other.user_attrs
+            other.state == TrialState.COMPLETE
+            and other.number != trial.number
+            and "accuracy" in trial_info(other)
             and frozen_params_key(other.params) == key
         ):
             return other
@@ -924,10 +913,10 @@ def _finished_twin(trial: optuna.Trial) -> FrozenTrial | None:
 
 
 def _record(label: str, trial: FrozenTrial) -> TrialRecord:
-    attrs = trial.user_attrs
-    feasible = bool(attrs.get(_ATTR_FEASIBLE, False)) and trial.state == TrialState.COMPLETE
-    accuracy = attrs.get(_ATTR_ACCURACY)
-    speedup = attrs.get(_ATTR_SPEEDUP)
+    info = trial_info(trial)
+    feasible = bool(info.get("feasible", False)) and trial.state == TrialState.COMPLETE
+    accuracy = info.get("accuracy")
+    speedup = info.get("speedup")
     if not feasible:
         score = -math.inf
     else:
@@ -937,16 +926,16 @@ def _record(label: str, trial: FrozenTrial) -> TrialRecord:
         layer_name=label,
         params=dict(trial.params),
         accuracy=accuracy,
-        speed=attrs.get(_ATTR_SPEED),
+        speed=info.get("speed"),
         speedup=speedup,
         score=score,
         feasible=feasible,
         trial=trial.number,
         state=trial.state.name,
         duration=duration,
-        reason=attrs.get(ATTR_REASON),
-        plan=dict(attrs.get(_ATTR_PLAN) or {}),
-        flops_speedup=attrs.get(_ATTR_FLOPS),
+        reason=info.get("reason"),
+        plan=dict(info.get("plan") or {}),
+        flops_speedup=info.get("flops_speedup"),
     )
 
 

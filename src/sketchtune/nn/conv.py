@@ -128,7 +128,10 @@ class SKConv2d(nn.Module):
         gen = _sketch.generator(self.seed)
         kw_ = {"dtype": dtype, "device": device}
         self.register_buffer(
-            "U1", _sketch.sign_matrix(self.out_channels, rank, self.low_rank, gen, dtype=dtype, device=device)
+            "U1",
+            _sketch.sign_matrix(
+                self.out_channels, rank, self.low_rank, gen, dtype=dtype, device=device
+            ),
         )
         u2 = _sketch.sign_matrix(rank, d_in, self.low_rank, gen, dtype=dtype, device=device)
         self.register_buffer("U2", u2.view(rank, self.in_channels, kh, kw))
@@ -144,7 +147,7 @@ class SKConv2d(nn.Module):
         if W_init is None:
             # nn.Conv2d's kaiming_uniform_(a=sqrt(5)) has bound 1/sqrt(fan_in), as does its bias.
             W_init = _sketch.uniform_(torch.empty(kernel_shape), bound, gen)
-        self.load_sketch_of(W_init)
+        self._load_sketch(W_init)
         if self.bias is not None:
             _sketch.uniform_(self.bias, bound, gen)
 
@@ -191,11 +194,15 @@ class SKConv2d(nn.Module):
                 layer.bias.copy_(conv.bias)
         return layer
 
-    @torch.no_grad()
     def load_sketch_of(self, weight: torch.Tensor) -> None:
         """Set ``S1``, ``S2`` to the sketches of a dense kernel with the current ``U``'s."""
         kh, kw = self.kernel_size
         _sketch.check_weight("weight", weight, (self.out_channels, self.in_channels, kh, kw))
+        self._load_sketch(weight)
+
+    @torch.no_grad()
+    def _load_sketch(self, weight: torch.Tensor) -> None:
+        kh, kw = self.kernel_size
         dt = _sketch.compute_dtype(self.S1.dtype)
         wm = weight.to(device=self.S1.device, dtype=dt).reshape(self.out_channels, -1)
         rank = self.S1.shape[0]

@@ -106,10 +106,16 @@ class SKLinear(nn.Module):
         gen = _sketch.generator(self.seed)
         kw = {"dtype": dtype, "device": device}
         self.register_buffer(
-            "U1", _sketch.sign_matrix(rank, self.out_features, self.low_rank, gen, dtype=dtype, device=device)
+            "U1",
+            _sketch.sign_matrix(
+                rank, self.out_features, self.low_rank, gen, dtype=dtype, device=device
+            ),
         )
         self.register_buffer(
-            "U2", _sketch.sign_matrix(self.in_features, rank, self.low_rank, gen, dtype=dtype, device=device)
+            "U2",
+            _sketch.sign_matrix(
+                self.in_features, rank, self.low_rank, gen, dtype=dtype, device=device
+            ),
         )
         self.S1 = nn.Parameter(torch.empty(self.in_features, rank, **kw))  # type: ignore[arg-type]
         self.S2 = nn.Parameter(torch.empty(rank, self.out_features, **kw))  # type: ignore[arg-type]
@@ -123,7 +129,7 @@ class SKLinear(nn.Module):
         if W_init is None:
             # Same distribution as nn.Linear's kaiming_uniform_(a=sqrt(5)), drawn from our generator.
             W_init = _sketch.uniform_(torch.empty(self.out_features, self.in_features), bound, gen)
-        self.load_sketch_of(W_init)
+        self._load_sketch(W_init)
         if self.bias is not None:
             _sketch.uniform_(self.bias, bound, gen)
 
@@ -168,10 +174,13 @@ class SKLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    @torch.no_grad()
     def load_sketch_of(self, weight: torch.Tensor) -> None:
         """Set ``S1``, ``S2`` to the sketches of a dense ``(out, in)`` weight with the current ``U``'s."""
         _sketch.check_weight("weight", weight, (self.out_features, self.in_features))
+        self._load_sketch(weight)
+
+    @torch.no_grad()
+    def _load_sketch(self, weight: torch.Tensor) -> None:
         wt = weight.to(device=self.S1.device, dtype=_sketch.compute_dtype(self.S1.dtype)).t()
         self.S1.copy_(wt @ self.U1.to(wt.dtype).t())
         self.S2.copy_(self.U2.to(wt.dtype).t() @ wt)
