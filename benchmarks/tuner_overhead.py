@@ -27,10 +27,9 @@ import time
 import warnings
 from pathlib import Path
 
+import optuna
 import torch
 from torch import nn
-
-import optuna
 
 from sketchtune import Categorical, Int, LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
 from sketchtune.search import open_rdb_storage

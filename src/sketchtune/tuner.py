@@ -52,8 +52,8 @@ from sketchtune.search import (
     ATTR,
     OptunaSearch,
     frozen_params_key,
-    trial_info,
     redact,
+    trial_info,
 )
 from sketchtune.select import select_layers, sketchable_layers
 from sketchtune.space import Categorical, ParamSpec
