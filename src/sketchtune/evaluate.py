@@ -21,7 +21,15 @@ from sketchtune._validation import check_choice, check_float
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["AccuracyFloor", "Evaluator", "FunctionEvaluator"]
+__all__ = [
+    "REMOTE_TRIAL",
+    "AccuracyFloor",
+    "Command",
+    "Evaluator",
+    "FloorUnreachable",
+    "FunctionEvaluator",
+    "RemoteTrial",
+]
 
 Mode = Literal["max", "min"]
 
@@ -109,16 +117,66 @@ def parse_drop(value: float | str) -> tuple[float, bool]:
     return check_float("max_accuracy_drop", value, minimum=0.0), False
 
 
+class FloorUnreachable(Exception):  # noqa: N818 - a result, not an error
+    """Raised by ``Evaluator.accuracy`` when a partial evaluation proves the floor unreachable.
+
+    Attributes:
+        bound: the best metric the full evaluation could still have reached.
+    """
+
+    def __init__(self, bound: float) -> None:
+        super().__init__(f"the floor is out of reach (at best {bound:.6g})")
+        self.bound = bound
+
+
+class RemoteTrial:
+    """Stands, on a follower process, for the trial the coordinating process is running."""
+
+    def __repr__(self) -> str:
+        return "REMOTE_TRIAL"
+
+
+REMOTE_TRIAL = RemoteTrial()
+
+
+@dataclass(frozen=True)
+class Command:
+    """What the coordinating process announces before each evaluation (for DDP followers)."""
+
+    plan: dict[str, Any]  # SketchPlan.to_dict()["layers"]
+    has_trial: bool
+    measure_speed: bool
+    floor: float | None
+
+
 class Evaluator(ABC):
     """Measures a model for the tuner.
 
     ``accuracy`` is required; ``throughput`` is optional (``has_throughput``).
     An evaluator may raise ``optuna.TrialPruned`` from ``accuracy`` when
-    ``trial`` is given (intermediate reports, per-trial fine-tuning).
+    ``trial`` is given (intermediate reports, per-trial fine-tuning), or
+    :class:`FloorUnreachable` when a partial evaluation already proves the trial infeasible.
+
+    Evaluators that run in several processes at once (DDP) implement
+    ``announce``/``receive``/``finish``: the coordinating process announces every
+    evaluation before running it, the others receive the same commands and run
+    the same evaluations in lockstep (:meth:`SKAutoTuner.follow`).
     """
 
     #: whether ``throughput`` is implemented
     has_throughput: bool = False
+    #: whether an evaluation changes the weights of the sketched layers (fine-tuning)
+    trains: bool = False
+
+    def announce(self, command: Command) -> None:
+        """Called by the coordinating process before each evaluation (no-op by default)."""
+
+    def receive(self) -> Command | None:
+        """Followers: the next evaluation to run, or ``None`` when the search is over."""
+        raise NotImplementedError(f"{type(self).__name__} does not coordinate several processes")
+
+    def finish(self) -> None:
+        """Called by the coordinating process when the search is over (no-op by default)."""
 
     @abstractmethod
     def accuracy(

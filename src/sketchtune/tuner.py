@@ -38,11 +38,15 @@ from torch import nn
 from sketchtune._validation import check_choice, check_int, check_seed
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.evaluate import (
+    REMOTE_TRIAL,
     AccuracyFloor,
+    Command,
     Evaluator,
+    FloorUnreachable,
     FunctionEvaluator,
     Mode,
     NonFiniteMetric,
+    RemoteTrial,
     parse_drop,
 )
 from sketchtune.measure import ShapeRecorder, layer_macs
@@ -127,6 +131,7 @@ class _Outcome:
     violation: float
     speed_measured: bool
     flops_speedup: float
+    early_stop: bool = False
 
     def value(self, mode: Mode) -> float:
         """What Optuna is told (maximized): the speedup, or the accuracy when speed is not measured.
@@ -401,7 +406,7 @@ class SKAutoTuner:
             built[name] = module
         return built
 
-    def _accuracy(self, trial: optuna.Trial | None) -> float:
+    def _accuracy(self, trial: optuna.Trial | RemoteTrial | None) -> float:
         runs = []
         for _ in range(self.num_runs_per_param):
             with self._shapes:
@@ -444,25 +449,66 @@ class SKAutoTuner:
                 sketch_total += d
         return dense_total / sketch_total if sketch_total else 1.0
 
-    def _evaluate(self, plan: SketchPlan, trial: optuna.Trial | None) -> _Outcome:
+    def _evaluate(
+        self, plan: SketchPlan, trial: optuna.Trial | None, *, measure_speed: bool = True
+    ) -> _Outcome:
+        """Swap ``plan`` in, measure it, swap it out. The one place where the model is evaluated."""
+        self.evaluator.announce(
+            Command(plan.to_dict()["layers"], trial is not None, measure_speed, self.floor.value)
+        )
+        return self._run_evaluation(plan, trial, measure_speed=measure_speed)
+
+    def _run_evaluation(
+        self, plan: SketchPlan, trial: optuna.Trial | RemoteTrial | None, *, measure_speed: bool
+    ) -> _Outcome:
         modules = self._build(plan)
+        early_stop = False
         with Swap(self.model, modules) as swap:
             try:
                 accuracy = self._accuracy(trial)
             except NonFiniteMetric as exc:
                 raise _TrialFailed(str(exc)) from None
+            except FloorUnreachable as exc:
+                accuracy, early_stop = exc.bound, True
             violation = self.floor.violation(accuracy)
-            feasible = violation <= 0.0
+            feasible = violation <= 0.0 and not early_stop
             speed = speedup = None
-            if feasible:
+            if feasible and measure_speed:
                 try:
                     speed, speedup = self._speed(swap, plan)
                 except NonFiniteMetric as exc:
                     raise _TrialFailed(str(exc)) from None
         measured = self.speed_model is not None or self.evaluator.has_throughput
         return _Outcome(
-            accuracy, speed, speedup, feasible, violation, measured, self.flops_speedup(plan)
+            accuracy,
+            speed,
+            speedup,
+            feasible,
+            violation,
+            measured,
+            self.flops_speedup(plan),
+            early_stop,
         )
+
+    def follow(self) -> None:
+        """Run the evaluations another process announces, until it finishes (DDP followers).
+
+        The coordinating process calls :meth:`tune`; every other process builds
+        the same tuner and calls ``follow()``, so collective operations inside the
+        evaluator (metric reduction, broadcasts) line up across processes.
+        """
+        while True:
+            command = self.evaluator.receive()
+            if command is None:
+                return
+            self.floor = AccuracyFloor(command.floor, self.mode)
+            trial = REMOTE_TRIAL if command.has_trial else None
+            try:
+                self._run_evaluation(
+                    SketchPlan(command.plan), trial, measure_speed=command.measure_speed
+                )
+            except (_TrialFailed, optuna.TrialPruned):
+                continue  # the coordinator records the outcome; followers just keep in step
 
     # ------------------------------------------------------------------ the Optuna objective
 
@@ -488,6 +534,8 @@ class SKAutoTuner:
                 feasible=outcome.feasible,
                 flops_speedup=outcome.flops_speedup,
             )
+            if outcome.early_stop:
+                info["early_stop"] = True
             if not hasattr(trial, "set_constraint"):  # Optuna 4: read by constraints_func
                 info["constraint"] = outcome.violation
             trial.set_user_attr(ATTR, info)
@@ -496,9 +544,13 @@ class SKAutoTuner:
 
         return objective
 
-    def _report(self, run: _StudyPlan) -> Callable[[optuna.Study, FrozenTrial], None]:
+    def _report(
+        self, run: _StudyPlan, callbacks: Sequence[Callable[[TrialRecord], None]] = ()
+    ) -> Callable[[optuna.Study, FrozenTrial], None]:
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             record = self._remember(run, trial)
+            for callback in callbacks:
+                callback(record)
             if not self.verbose:
                 return
             total = self.search_algorithm.n_trials
@@ -533,38 +585,46 @@ class SKAutoTuner:
 
     # ------------------------------------------------------------------ tuning
 
-    def tune(self) -> None:
-        """Run the search. The model is left as it was; apply the result with :meth:`apply_best_params`."""
+    def tune(self, *, callbacks: Sequence[Callable[[TrialRecord], None]] = ()) -> None:
+        """Run the search. The model is left as it was; apply the result with :meth:`apply_best_params`.
+
+        Args:
+            callbacks: called with each finished trial's :class:`TrialRecord`
+                (for loggers and progress displays).
+        """
         self.interrupted = False
         self.combination_log = []
         self._best_by_study = {}
         search = self.search_algorithm
         search.studies = {}
         deadline = None if search.timeout is None else time.monotonic() + search.timeout
-        with _quiet_optuna():
-            for run in self._studies:
-                run.study = search.open_study(run.key)
-            try:
-                self._baseline()
+        try:
+            with _quiet_optuna():
                 for run in self._studies:
-                    assert run.study is not None
-                    search.study = run.study  # the study being tuned, as in the seed
-                    for trial in run.study.get_trials(
-                        deepcopy=False, states=(TrialState.COMPLETE,)
-                    ):
-                        self._remember(run, trial)
-                    search.run(
-                        run.study,
-                        self._objective(run),
-                        deadline=deadline,
-                        catch=(_TrialFailed,),
-                        after_trial=self._report(run),
-                    )
-            except KeyboardInterrupt:
-                self.interrupted = True
-                self._say(self._resume_hint())
-        self._records = None
-        self._finish()
+                    run.study = search.open_study(run.key)
+                try:
+                    self._baseline()
+                    for run in self._studies:
+                        assert run.study is not None
+                        search.study = run.study  # the study being tuned, as in the seed
+                        for trial in run.study.get_trials(
+                            deepcopy=False, states=(TrialState.COMPLETE,)
+                        ):
+                            self._remember(run, trial)
+                        search.run(
+                            run.study,
+                            self._objective(run),
+                            deadline=deadline,
+                            catch=(_TrialFailed,),
+                            after_trial=self._report(run, callbacks),
+                        )
+                except KeyboardInterrupt:
+                    self.interrupted = True
+                    self._say(self._resume_hint())
+            self._records = None
+            self._finish()
+        finally:
+            self.evaluator.finish()
 
     def _remember(self, run: _StudyPlan, trial: FrozenTrial) -> TrialRecord:
         """Keep ``trial`` as its study's best if it is feasible and beats the best so far."""
@@ -593,9 +653,12 @@ class SKAutoTuner:
             self.dense_accuracy = float(stored[0])
             self._say(f"dense accuracy {self.dense_accuracy:.6g} (stored in the study)")
         else:
+            self.floor = AccuracyFloor(None, self.mode)  # nothing to stop early against yet
             try:
-                self.dense_accuracy = self._accuracy(None)
-            except NonFiniteMetric as exc:
+                self.dense_accuracy = self._evaluate(
+                    SketchPlan(), None, measure_speed=False
+                ).accuracy
+            except _TrialFailed as exc:
                 raise ValueError(
                     f"the dense model's accuracy is not finite ({exc}); check the evaluation."
                 ) from None
