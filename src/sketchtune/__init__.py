@@ -28,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "SKConv2d": "sketchtune.nn.conv",
     "SKLinear": "sketchtune.nn.linear",
     "SketchPlan": "sketchtune.plan",
+    "SketchTuneCLI": "sketchtune.lightning.cli",
+    "SketchTuneCallback": "sketchtune.lightning.callback",
+    "SketchedModule": "sketchtune.lightning.module",
     "TuningConfigs": "sketchtune.config",
     "apply_plan": "sketchtune.plan",
     "estimate_speedup": "sketchtune.measure",
@@ -51,6 +54,9 @@ __all__ = [
     "SKConv2d",
     "SKLinear",
     "SketchPlan",
+    "SketchTuneCLI",
+    "SketchTuneCallback",
+    "SketchedModule",
     "TuningConfigs",
     "__version__",
     "apply_plan",
@@ -63,6 +69,9 @@ __all__ = [
 if TYPE_CHECKING:
     from sketchtune.config import LayerConfig, TuningConfigs
     from sketchtune.evaluate import AccuracyFloor, Evaluator
+    from sketchtune.lightning.callback import SketchTuneCallback
+    from sketchtune.lightning.cli import SketchTuneCLI
+    from sketchtune.lightning.module import SketchedModule
     from sketchtune.measure import estimate_speedup, measure_throughput
     from sketchtune.nn.attention import RandMultiHeadAttention
     from sketchtune.nn.conv import SKConv2d

@@ -117,7 +117,7 @@ def parse_drop(value: float | str) -> tuple[float, bool]:
     return check_float("max_accuracy_drop", value, minimum=0.0), False
 
 
-class FloorUnreachable(Exception):  # noqa: N818 - a result, not an error
+class FloorUnreachable(Exception):
     """Raised by ``Evaluator.accuracy`` when a partial evaluation proves the floor unreachable.
 
     Attributes:
@@ -168,21 +168,26 @@ class Evaluator(ABC):
     #: whether an evaluation changes the weights of the sketched layers (fine-tuning)
     trains: bool = False
 
-    def announce(self, command: Command) -> None:
+    def announce(self, command: Command) -> None:  # noqa: B027 - an optional hook
         """Called by the coordinating process before each evaluation (no-op by default)."""
 
     def receive(self) -> Command | None:
         """Followers: the next evaluation to run, or ``None`` when the search is over."""
         raise NotImplementedError(f"{type(self).__name__} does not coordinate several processes")
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - an optional hook
         """Called by the coordinating process when the search is over (no-op by default)."""
 
     @abstractmethod
     def accuracy(
-        self, model: nn.Module, *, trial: optuna.Trial | None, floor: AccuracyFloor
+        self, model: nn.Module, *, trial: optuna.Trial | RemoteTrial | None, floor: AccuracyFloor
     ) -> float:
-        """The model's accuracy metric; ``trial`` is ``None`` for the dense baseline."""
+        """The model's accuracy metric.
+
+        ``trial`` is the Optuna trial being evaluated, :data:`REMOTE_TRIAL` on a
+        follower process while the coordinator runs a trial, and ``None`` for
+        evaluations outside trials (the dense baseline, the combined plan).
+        """
 
     def throughput(self, model: nn.Module) -> float:
         """The model's speed (higher is faster), e.g. samples per second."""
@@ -211,7 +216,7 @@ class FunctionEvaluator(Evaluator):
         self.has_throughput = speed_fn is not None
 
     def accuracy(
-        self, model: nn.Module, *, trial: optuna.Trial | None, floor: AccuracyFloor
+        self, model: nn.Module, *, trial: optuna.Trial | RemoteTrial | None, floor: AccuracyFloor
     ) -> float:
         return as_metric(self._accuracy_fn(model), "accuracy_eval_func")
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
@@ -106,8 +107,13 @@ class SketchKind:
     def build(
         self, dense: nn.Module, params: dict[str, Any], seed: int, copy_weights: bool = True
     ) -> nn.Module:
-        """The sketched replacement of ``dense`` (same device, dtype and train/eval mode)."""
-        module = self.build_fn(dense, params, seed, copy_weights)
+        """The sketched replacement of ``dense`` (same device, dtype and train/eval mode).
+
+        Built outside inference mode even when called inside it (e.g. during a
+        Trainer's validation), so its parameters stay trainable.
+        """
+        with torch.inference_mode(False):
+            module = self.build_fn(dense, params, seed, copy_weights)
         module.train(dense.training)
         return module
 

@@ -21,6 +21,7 @@ import copy
 import inspect
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -236,7 +237,9 @@ class OptunaSearch:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running or (deadline is not None and time.monotonic() >= deadline):
             return False
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         time.sleep(min(1.0, float(self.heartbeat_interval)))
         return True
 
@@ -274,19 +277,24 @@ def open_rdb_storage(
     """An ``RDBStorage`` with heartbeat and crash retry; an unreachable URL is a one-line error."""
     kwargs: dict[str, Any] = {}
     if heartbeat_interval is not None:
-        retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
-        # Optuna 4.9 renamed the callback argument; use whichever this version has.
+        # Optuna 4.9 renamed the retry callback and its argument; use what this version has.
+        retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
         params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
-        key = (
-            "heartbeat_stale_trial_callback"
-            if "heartbeat_stale_trial_callback" in params
-            else "failed_trial_callback"
-        )
+        if retry_cls is not None and "heartbeat_stale_trial_callback" in params:
+            key = "heartbeat_stale_trial_callback"
+        else:
+            retry_cls, key = optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = retry_cls(max_retry=max_retry)
         kwargs.update(
             {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period, key: retry}
         )
     try:
-        storage = optuna.storages.RDBStorage(url, **kwargs)
+        with warnings.catch_warnings():
+            # heartbeats are "experimental" in Optuna's terms; sketchtune relies on them on purpose
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, **kwargs)
     except Exception as exc:  # sqlalchemy raises many types; the message is what matters
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(

@@ -177,6 +177,8 @@ class SKAutoTuner:
 
     Attributes:
         best_plan: the validated best :class:`SketchPlan` after ``tune()``.
+        best_accuracy: its accuracy (``None`` when nothing was kept).
+        best_speedup: its speedup over the dense model (``None`` without a speed objective).
         dense_accuracy: the dense model's accuracy (when it was measured).
         floor: the resolved :class:`AccuracyFloor`.
         interrupted: ``True`` when the last ``tune()`` was stopped by Ctrl-C.
@@ -287,6 +289,8 @@ class SKAutoTuner:
         self._shapes = ShapeRecorder(model, sorted(self._dense))
 
         self.best_plan: SketchPlan | None = None
+        self.best_accuracy: float | None = None
+        self.best_speedup: float | None = None
         self.dense_accuracy: float | None = None
         self.floor = AccuracyFloor(self.accuracy_threshold, self.mode)
         self.interrupted = False
@@ -702,13 +706,17 @@ class SKAutoTuner:
     def _finish(self) -> None:
         """Pick the best plan: the global winner, or the validated combination of per-study winners."""
         bests = dict(self._best_by_study)
+        self.best_accuracy = self.best_speedup = None
         if not bests:
             self.best_plan = SketchPlan()
-            self._say("no feasible configuration was found; the model stays dense.")
+            self._say(
+                "no feasible configuration faster than the dense model was found; it stays dense."
+            )
             return
         if len(self._studies) == 1 or len(bests) == 1:
             record = next(iter(bests.values()))
             self.best_plan = SketchPlan(record.plan)
+            self.best_accuracy, self.best_speedup = record.accuracy, record.speedup
             self._say(f"best: {self.best_plan!r} ({_score_text(record)})")
             return
         if self.interrupted:
@@ -716,6 +724,9 @@ class SKAutoTuner:
             self._say("interrupted: the combined plan of the per-layer winners was not validated.")
             return
         self.best_plan = self._validated_combination(bests)
+        if self.best_plan and self.combination_log:
+            last = self.combination_log[-1]
+            self.best_accuracy, self.best_speedup = last["accuracy"], last["speedup"]
 
     def _validated_combination(self, bests: dict[str, TrialRecord]) -> SketchPlan:
         """Evaluate the union of per-study winners; drop the least efficient until it passes."""

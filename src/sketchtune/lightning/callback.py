@@ -1,0 +1,472 @@
+"""SketchTuneCallback: tune sketched layers inside ``trainer.fit`` / ``trainer.validate``.
+
+A thin callback over :class:`~sketchtune.tuner.SKAutoTuner` (as Lightning's
+``BatchSizeFinder`` is over ``tuner/batch_size_scaling.py``): it reads hooks and
+trainer state, hands the tuner an evaluator built on the Trainer's own loops,
+restores the trainer afterwards, and applies and logs the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import optuna
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from sketchtune._validation import check_choice, check_float, check_int, check_seed
+from sketchtune.config import LayerConfig, TuningConfigs
+from sketchtune.lightning._evaluator import LightningEvaluator
+from sketchtune.plan import SketchPlan, apply_plan
+from sketchtune.search import OptunaSearch, redact
+from sketchtune.tuner import SKAutoTuner, TrialRecord
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from lightning.pytorch.loggers import Logger
+    from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
+
+__all__ = ["PLAN_CHECKPOINT_KEY", "SketchTuneCallback"]
+
+#: where the applied plan is stored in checkpoints (read by SketchedModule.load_from_checkpoint)
+PLAN_CHECKPOINT_KEY = "sketchtune_plan"
+
+
+class SketchTuneCallback(Callback):
+    """Search sketched replacements of chosen layers with Optuna, using the Trainer's loops.
+
+    With ``run_on="fit_end"`` the search runs once ``trainer.fit`` has finished
+    training (fine-tune, then tune); with ``run_on="validate"`` it runs when
+    ``trainer.validate(model, datamodule)`` starts, on an already trained model.
+    Each trial swaps a candidate plan into the LightningModule, runs the
+    Trainer's validation loop and reads ``trainer.callback_metrics[monitor]``
+    (what your ``validation_step`` logs) as its accuracy; trials that keep the
+    floor are timed with ``predict_step`` over ``speed_batches`` batches of the
+    predict (else validation) dataloader, interleaved with the dense model. The
+    model, callbacks, loggers, loop state and metrics are restored afterwards;
+    then the best plan is applied (``apply_best``) and logged.
+
+    Args:
+        configs: a :class:`TuningConfigs`, a :class:`LayerConfig`, or a list of
+            them or of dicts (YAML): which layers, and the space of their parameters.
+        monitor: the validation metric that measures accuracy.
+        mode: ``"max"`` if higher is better (accuracy), ``"min"`` for a loss.
+        accuracy_threshold: absolute floor on ``monitor``.
+        max_accuracy_drop: floor relative to the dense model (``0.01`` or ``"1%"``).
+        n_trials: total trials of each study (kept across runs of the same study).
+        timeout: seconds the search may take.
+        sampler: an Optuna sampler (default TPE, seeded with ``seed``).
+        pruner: an Optuna pruner for ``finetune_steps > 0`` (e.g. ``HyperbandPruner``).
+        storage: Optuna storage URL (``sqlite:///tune.db``, ``postgresql+psycopg://...``);
+            ``None`` keeps the study in this callback's memory, across Trainer runs.
+        study_name: the study's name (default ``"sketchtune"``).
+        strategy: ``"global"`` (one study over every layer), ``"separate"`` or ``"joint"``.
+        speed: ``"measure"`` (timed predict loop) or ``"flops"`` (FLOP model, noise-free).
+        speed_batches: timed batches per measurement.
+        warmup_batches: untimed batches first.
+        finetune_steps: optimizer steps of the user's ``training_step`` on the
+            sketched layers in each trial (their weights are discarded afterwards);
+            intermediate accuracies go to the pruner.
+        run_on: ``"fit_end"`` or ``"validate"``.
+        apply_best: swap the best plan into the model after the search.
+        seed: seed of the default sampler and of the sketches' random matrices.
+        metric_range: the monitored metric's possible range, used to stop a trial's
+            validation once it cannot reach the floor; needs ``validation_step`` to
+            return the batch's metric (``return {"val_acc": acc}``). ``None`` disables that.
+
+    Attributes:
+        best_plan: the plan found (a :class:`SketchPlan`; empty when nothing kept the floor).
+        best_speedup: its measured speedup over the dense model.
+        best_accuracy: its accuracy.
+        dense_accuracy: the dense model's accuracy.
+        results: a pandas DataFrame, one row per trial.
+        study: the (last) Optuna study.
+        tuner: the :class:`SKAutoTuner` that ran the search.
+
+    Example::
+
+        trainer = Trainer(
+            max_epochs=5,
+            callbacks=[SketchTuneCallback(LayerConfig(r"layers\\.\\d+", "auto"), max_accuracy_drop=0.01)],
+        )
+        trainer.fit(model, datamodule)  # trains, then tunes; the model ends up sketched
+        print(trainer.callbacks[0].best_speedup)
+    """
+
+    def __init__(
+        self,
+        configs: TuningConfigs | LayerConfig | Sequence[LayerConfig | Mapping[str, Any]],
+        *,
+        monitor: str = "val_acc",
+        mode: Literal["max", "min"] = "max",
+        accuracy_threshold: float | None = None,
+        max_accuracy_drop: float | str | None = None,
+        n_trials: int = 50,
+        timeout: float | None = None,
+        sampler: optuna.samplers.BaseSampler | None = None,
+        pruner: optuna.pruners.BasePruner | None = None,
+        storage: str | None = None,
+        study_name: str | None = None,
+        strategy: Literal["global", "separate", "joint"] = "global",
+        speed: Literal["measure", "flops"] = "measure",
+        speed_batches: int = 20,
+        warmup_batches: int = 3,
+        finetune_steps: int = 0,
+        run_on: Literal["fit_end", "validate"] = "fit_end",
+        apply_best: bool = True,
+        seed: int | None = None,
+        metric_range: tuple[float, float] | None = (0.0, 1.0),
+    ) -> None:
+        self.configs = TuningConfigs.coerce(configs)
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"`monitor` must be the name of a logged metric, got {monitor!r}.")
+        self.monitor = monitor
+        self.mode: Literal["max", "min"] = check_choice("mode", mode, ("max", "min"))
+        if accuracy_threshold is not None and max_accuracy_drop is not None:
+            raise ValueError(
+                "give `accuracy_threshold` or `max_accuracy_drop`, not both "
+                f"(got {accuracy_threshold!r} and {max_accuracy_drop!r})."
+            )
+        self.accuracy_threshold = accuracy_threshold
+        self.max_accuracy_drop = max_accuracy_drop
+        self.n_trials = check_int("n_trials", n_trials, minimum=1)
+        self.timeout = timeout
+        self.sampler = sampler
+        self.pruner = pruner
+        self.storage = storage
+        self.study_name = study_name
+        self.strategy = check_choice("strategy", strategy, ("global", "separate", "joint"))
+        self.speed = check_choice("speed", speed, ("measure", "flops"))
+        self.speed_batches = check_int("speed_batches", speed_batches, minimum=1)
+        self.warmup_batches = check_int("warmup_batches", warmup_batches, minimum=0)
+        self.finetune_steps = check_int("finetune_steps", finetune_steps, minimum=0)
+        self.run_on = check_choice("run_on", run_on, ("fit_end", "validate"))
+        self.apply_best = bool(apply_best)
+        self.seed = check_seed("seed", seed)
+        self.metric_range = _check_range(metric_range)
+        if pruner is not None and finetune_steps == 0:
+            warnings.warn(
+                "`pruner` is only used with finetune_steps > 0 (trials report intermediate "
+                "accuracies while fine-tuning); it is ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
+        # Validate the search settings now, before any Trainer runs.
+        self._search_settings()
+        # An in-memory study lives as long as this callback, so later Trainer runs resume it.
+        self._memory = optuna.storages.InMemoryStorage()
+
+        self.best_plan: SketchPlan | None = None
+        self.best_speedup: float | None = None
+        self.best_accuracy: float | None = None
+        self.dense_accuracy: float | None = None
+        self.results: pd.DataFrame | None = None
+        self.study: optuna.Study | None = None
+        self.tuner: SKAutoTuner | None = None
+        self.applied_plan: SketchPlan | None = None
+        self._searching = False
+        self._modes: dict[str, bool] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, study_name=self.study_name)
+
+    def _search_settings(self) -> OptunaSearch:
+        return OptunaSearch(
+            n_trials=self.n_trials,
+            sampler=self.sampler,
+            pruner=self.pruner,
+            study_name=self.study_name or "sketchtune",
+            storage=self.storage if self.storage is not None else getattr(self, "_memory", None),
+            load_if_exists=True,
+            seed=self.seed,
+            timeout=self.timeout,
+        )
+
+    # -- hooks -------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == TrainerFn.VALIDATING and self.run_on == "validate":
+            # validate() ends by restoring the mode it found; our nested runs would change
+            # what it found, so remember the modes from before it started.
+            self._modes = {name: m.training for name, m in pl_module.named_modules()}
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (
+            self.run_on == "fit_end"
+            and trainer.state.fn == TrainerFn.FITTING
+            and not self._searching
+        ):
+            self._search(trainer, pl_module, trainer.fit_loop.epoch_loop.val_loop)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (
+            self.run_on == "validate"
+            and trainer.state.fn == TrainerFn.VALIDATING
+            and not trainer.sanity_checking
+            and not self._searching
+        ):
+            self._search(trainer, pl_module, trainer.validate_loop)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._modes is not None and stage == TrainerFn.VALIDATING:
+            for name, module in pl_module.named_modules():
+                if name in self._modes:
+                    module.training = self._modes[name]
+            self._modes = None
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.applied_plan:
+            checkpoint[PLAN_CHECKPOINT_KEY] = self.applied_plan.to_dict()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "storage": self.storage,
+            "study_name": self.study_name,
+            "best_plan": None if self.best_plan is None else self.best_plan.to_dict(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.storage is None and state_dict.get("storage"):
+            self.storage = state_dict["storage"]
+        if self.study_name is None and state_dict.get("study_name"):
+            self.study_name = state_dict["study_name"]
+        plan = state_dict.get("best_plan")
+        if plan is not None and self.best_plan is None:
+            self.best_plan = SketchPlan.from_dict(plan)
+
+    # -- the search --------------------------------------------------------------------
+
+    def _search(self, trainer: Trainer, pl_module: LightningModule, loop: _EvaluationLoop) -> None:
+        if self.applied_plan:
+            rank_zero_info(
+                "sketchtune: the model is already sketched by an earlier search; not searching again."
+            )
+            return
+        evaluator = LightningEvaluator(
+            trainer,
+            pl_module,
+            loop,
+            monitor=self.monitor,
+            speed=self.speed,
+            speed_batches=self.speed_batches,
+            warmup_batches=self.warmup_batches,
+            finetune_steps=self.finetune_steps,
+            metric_range=self.metric_range,
+        )
+        search = self._search_settings()
+        tuner = SKAutoTuner(
+            pl_module,
+            self.configs,
+            evaluator,
+            search_algorithm=search,
+            accuracy_threshold=self.accuracy_threshold,
+            optimization_eval_func="flops" if self.speed == "flops" else None,
+            max_accuracy_drop=self.max_accuracy_drop,
+            strategy=self.strategy,
+            seed=self.seed,
+            mode=self.mode,
+        )
+        self.tuner = tuner
+        state = _TrainerState(trainer, loop)
+        loggers = list(trainer.loggers)
+        progress = (
+            _Progress(trainer, self.n_trials * len(tuner._studies))
+            if trainer.is_global_zero
+            else None
+        )
+        log_trial = _TrialLogger(loggers)
+        self._searching = True
+        state.detach(hooks=[evaluator.early_stop])
+        try:
+            if not _has_validation_batches(loop):
+                raise ValueError(
+                    "SketchTuneCallback needs validation batches to measure accuracy; give the "
+                    "Trainer a val_dataloader and limit_val_batches > 0."
+                )
+            if trainer.is_global_zero:
+                callbacks = [log_trial] + ([progress.update] if progress is not None else [])
+                tuner.tune(callbacks=callbacks)
+            else:
+                tuner.follow()
+        finally:
+            if progress is not None:
+                progress.close()
+            state.restore()
+            self._searching = False
+        plan_data = tuner.best_plan.to_dict() if tuner.best_plan is not None else None
+        if trainer.world_size > 1:
+            plan_data = trainer.strategy.broadcast(plan_data, src=0)
+        self.best_plan = SketchPlan.from_dict(plan_data) if plan_data is not None else SketchPlan()
+        self.best_speedup, self.best_accuracy = tuner.best_speedup, tuner.best_accuracy
+        self.dense_accuracy = tuner.dense_accuracy
+        self.study = search.study
+        if trainer.is_global_zero:
+            self.results = tuner.get_results_dataframe()
+            self._report(search, loggers)
+        if self.apply_best and self.best_plan:
+            apply_plan(pl_module, self.best_plan)
+            self.applied_plan = self.best_plan
+
+    def _report(self, search: OptunaSearch, loggers: list[Logger]) -> None:
+        tuner = self.tuner
+        assert tuner is not None
+        df = self.results
+        assert df is not None
+        feasible = int(df.feasible.sum()) if len(df) else 0
+        where = redact(search.storage) if self.storage is not None else "memory (this callback)"
+        if self.best_plan:
+            speed = f"{self.best_speedup:.2f}x" if self.best_speedup is not None else "n/a"
+            rank_zero_info(
+                f"sketchtune: best plan sketches {len(self.best_plan)} layer(s): speedup {speed} at "
+                f"{self.monitor}={self.best_accuracy:.4f} (dense {tuner.dense_accuracy:.4f}, floor "
+                f"{tuner.floor.describe()}); {feasible}/{len(df)} trials feasible; study "
+                f"{search.study_name!r} in {where}."
+            )
+        else:
+            rank_zero_info(
+                f"sketchtune: no plan kept the floor ({tuner.floor.describe()}) and ran faster; the "
+                f"model stays dense. {feasible}/{len(df)} trials feasible; study {search.study_name!r} in {where}."
+            )
+        summary = {
+            "sketchtune/dense_accuracy": tuner.dense_accuracy,
+            "sketchtune/best_accuracy": self.best_accuracy,
+            "sketchtune/best_speedup": self.best_speedup,
+            "sketchtune/layers_sketched": float(len(self.best_plan or {})),
+        }
+        metrics = {k: float(v) for k, v in summary.items() if v is not None}
+        for logger in loggers:
+            logger.log_metrics(metrics, step=len(df))
+            log_dir = getattr(logger, "log_dir", None)
+            if isinstance(log_dir, str) and self.best_plan is not None:
+                os.makedirs(log_dir, exist_ok=True)
+                self.best_plan.save(os.path.join(log_dir, "sketchtune_plan.json"))
+                df.to_csv(os.path.join(log_dir, "sketchtune_trials.csv"), index=False)
+            logger.save()
+
+
+class _TrainerState:
+    """What the search changes on the trainer, saved and put back (as BatchSizeFinder does)."""
+
+    def __init__(self, trainer: Trainer, loop: _EvaluationLoop) -> None:
+        self.trainer: Any = trainer  # callbacks/loggers are assignable attributes mypy cannot see
+        self.loop = loop
+        self.callbacks = list(self.trainer.callbacks)
+        self.loggers = list(trainer.loggers)
+        self.stage = trainer.state.stage
+        self.verbose = loop.verbose
+        self.loop_state = copy.deepcopy(loop.state_dict())
+        self.metrics: list[tuple[dict[str, Any], dict[str, Any]]] = [
+            (target, dict(target))
+            for target in (
+                trainer.callback_metrics,
+                trainer.logged_metrics,
+                trainer.progress_bar_metrics,
+            )
+        ]
+
+    def detach(self, hooks: list[Callback]) -> None:
+        trainer = self.trainer
+        trainer.callbacks = list(hooks)  # no checkpoints, early stopping or progress bars per trial
+        trainer.loggers = []  # trials are logged by the callback, as trials
+        self.loop.verbose = False
+        trainer.state.stage = RunningStage.VALIDATING
+
+    def restore(self) -> None:
+        trainer = self.trainer
+        trainer.callbacks = self.callbacks
+        trainer.loggers = self.loggers
+        trainer.state.stage = self.stage
+        self.loop.verbose = self.verbose
+        self.loop.load_state_dict(copy.deepcopy(self.loop_state))
+        self.loop.restarting = False
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self.loop.reset()  # the validate() that called us goes on with a fresh iterator
+        for target, saved in self.metrics:
+            target.clear()
+            target.update(saved)
+
+
+def _has_validation_batches(loop: _EvaluationLoop) -> bool:
+    loop.setup_data()
+    return not loop.skip
+
+
+class _TrialLogger:
+    """Sends each trial's results to the Trainer's loggers, one step per trial."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self.loggers = loggers
+        self.step = 0
+
+    def __call__(self, record: TrialRecord) -> None:
+        metrics: dict[str, float] = {"sketchtune/feasible": float(record.feasible)}
+        if record.accuracy is not None:
+            metrics["sketchtune/accuracy"] = float(record.accuracy)
+        if record.speedup is not None:
+            metrics["sketchtune/speedup"] = float(record.speedup)
+        for name, value in record.params.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"sketchtune/params/{name}"] = float(value)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.step)
+        self.step += 1
+
+
+class _Progress:
+    """A trial progress bar in the style of Lightning's TQDM bar (when the Trainer shows one)."""
+
+    def __init__(self, trainer: Trainer, total: int) -> None:
+        self.bar = None
+        self.best = -math.inf
+        self.feasible = 0
+        self.done = 0
+        if trainer.progress_bar_callback is not None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total, desc="sketchtune", unit="trial", dynamic_ncols=True, leave=True
+            )
+
+    def update(self, record: TrialRecord) -> None:
+        self.done += 1
+        if record.feasible:
+            self.feasible += 1
+            if record.speedup is not None:
+                self.best = max(self.best, record.speedup)
+        if self.bar is not None:
+            best = f"{self.best:.2f}x" if self.best > -math.inf else "-"
+            self.bar.set_postfix(best=best, feasible=f"{self.feasible}/{self.done}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_range(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"`metric_range` must be (low, high) or None, got {value!r}.")
+    low = check_float("metric_range[0]", value[0])
+    high = check_float("metric_range[1]", value[1])
+    if low >= high:
+        raise ValueError(f"`metric_range` must have low < high, got {value!r}.")
+    return (low, high)
