@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import optuna
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -365,7 +365,9 @@ class _TrainerState:
     """What the search changes on the trainer, saved and put back (as BatchSizeFinder does)."""
 
     def __init__(self, trainer: Trainer, loop: _EvaluationLoop) -> None:
-        self.trainer: Any = trainer  # callbacks/loggers are assignable attributes mypy cannot see
+        self.trainer: Any = cast(
+            Any, trainer
+        )  # callbacks/loggers are assignable attributes mypy cannot see
         self.loop = loop
         self.callbacks = list(self.trainer.callbacks)
         self.loggers = list(trainer.loggers)
