@@ -550,7 +550,7 @@ def test_resume_from_sqlite_reuses_finished_trials_and_continues_numbering(
         (
             {"configs": configs({"rank": [4]})},
             ValueError,
-            r"Linear\(32->64\) is sketched as SKLinear, which takes \['low_rank', 'num_terms'\]; got unknown parameter\(s\) \['rank'\]",
+            r"Linear\(32->64\) is sketched as SKLinear, which takes \['init', 'low_rank', 'num_terms'\]; got unknown parameter\(s\) \['rank'\]",
         ),
         (
             {"configs": configs({"low_rank": [4]})},
@@ -727,3 +727,81 @@ def test_model_tree_marks_sketched_layers(mlp: MLP, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "fc2: SKLinear  * num_terms=1" in out and "fc1: Linear(32->64)  ." in out
     assert "(* sketched: 1, . sketchable dense: 2)" in out
+
+
+def test_activation_init_gathers_input_statistics_once_per_layer_and_wins(mlp: MLP) -> None:
+    accuracy = agreement(mlp)
+    results = {}
+    for init in ("sketch", "svd", "activation"):
+        tuner = SKAutoTuner(
+            mlp,
+            configs({"num_terms": 1, "low_rank": [4, 8], "init": [init]}),
+            accuracy,
+            strategy="global",
+            search_algorithm=OptunaSearch(
+                sampler=optuna.samplers.GridSampler(
+                    {
+                        "fc1.low_rank": [4, 8],
+                        "fc2.low_rank": [4, 8],
+                        "fc1.num_terms": [1],
+                        "fc2.num_terms": [1],
+                        "fc1.init": [init],
+                        "fc2.init": [init],
+                    }
+                )
+            ),
+        )
+        tuner.tune()
+        results[init] = tuner.get_results_dataframe().accuracy.mean()
+        if init == "activation":
+            for layer in ("fc1", "fc2"):
+                calibration = tuner._aids[layer].calibration
+                assert calibration is not None
+                assert calibration.count == X.shape[0]  # one pass (the baseline), not one per trial
+            assert set(tuner._aids["fc1"].factors) == {"activation"}  # one factorization, reused
+    assert results["activation"] >= results["svd"] > results["sketch"]
+
+
+def test_default_init_applies_where_the_space_has_none(mlp: MLP) -> None:
+    tuner = SKAutoTuner(
+        mlp,
+        configs(names=("fc2",)),
+        agreement(mlp),
+        default_init="svd",
+        search_algorithm=OptunaSearch(n_trials=2, seed=0),
+    )
+    tuner.tune()
+    assert {p["init"] for p in tuner.best_params.values()} == {"svd"}
+    with pytest.raises(
+        ValueError, match=r"`default_init` must be one of 'sketch', 'svd', 'activation'"
+    ):
+        SKAutoTuner(mlp, configs(), agreement(mlp), default_init="pca")
+    with pytest.raises(
+        ValueError, match=r"starts from the dense weights, but the config has copy_weights=False"
+    ):
+        SKAutoTuner(
+            mlp,
+            configs({"num_terms": 1, "low_rank": 4, "init": "svd"}, copy_weights=False),
+            agreement(mlp),
+        )
+
+
+def test_a_plan_with_activation_init_applied_without_statistics_warns_and_uses_svd(
+    mlp: MLP,
+) -> None:
+    from sketchtune import SketchPlan, apply_plan
+
+    plan = SketchPlan(
+        {
+            "fc2": {
+                "type": "SKLinear",
+                "params": {"num_terms": 1, "low_rank": 4, "init": "activation"},
+                "seed": 0,
+            }
+        }
+    )
+    with pytest.warns(
+        UserWarning, match=r"init='activation' needs the layer's input statistics.*init='svd'"
+    ):
+        model = apply_plan(MLP(), plan)
+    assert model.fc2.init == "svd"

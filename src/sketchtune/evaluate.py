@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import nn
 
 from sketchtune._validation import check_choice, check_float
@@ -174,6 +175,10 @@ class Evaluator(ABC):
     def receive(self) -> Command | None:
         """Followers: the next evaluation to run, or ``None`` when the search is over."""
         raise NotImplementedError(f"{type(self).__name__} does not coordinate several processes")
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the processes that evaluate together (identity for one process)."""
+        return tensor
 
     def finish(self) -> None:  # noqa: B027 - an optional hook
         """Called by the coordinating process when the search is over (no-op by default)."""

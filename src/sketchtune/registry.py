@@ -12,6 +12,7 @@ speed model. Lookups go through :func:`kind_of` (a dense module) and
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from sketchtune.nn import RandMultiHeadAttention, SKConv2d, SKLinear
+from sketchtune.nn._init import INITS, InputCovariance, LowRankFactors
 from sketchtune.space import Categorical, Float, Int, ParamSpec
 
 __all__ = [
@@ -34,6 +36,22 @@ __all__ = [
 ]
 
 Shape = tuple[int, ...]
+
+
+@dataclass
+class BuildAids:
+    """What a caller knows about a dense layer beyond its weights, to build sketches faster or better.
+
+    Attributes:
+        calibration: covariance of the layer's inputs, for ``init="activation"``.
+        factors: precomputed factorizations by init kind (``"svd"``, ``"activation"``),
+            reused across ranks (the top part of a nested factorization).
+    """
+
+    calibration: InputCovariance | None = None
+    factors: dict[str, LowRankFactors] = field(default_factory=dict)
+
+
 # A validator returns None when the value is fine for the layer, else the reason it is not.
 Validator = Callable[[nn.Module, Any], "str | None"]
 
@@ -56,7 +74,7 @@ class SketchKind:
     dense_type: type[nn.Module]
     sketch_type: type[nn.Module]
     params: Mapping[str, Validator]
-    build_fn: Callable[[nn.Module, dict[str, Any], int, bool], nn.Module]
+    build_fn: Callable[[nn.Module, dict[str, Any], int, bool, BuildAids], nn.Module]
     auto_space_fn: Callable[[nn.Module], dict[str, ParamSpec]]
     dense_macs_fn: Callable[[nn.Module, Sequence[Shape]], float]
     sketch_macs_fn: Callable[[nn.Module, dict[str, Any], Sequence[Shape]], float]
@@ -105,7 +123,12 @@ class SketchKind:
                     )
 
     def build(
-        self, dense: nn.Module, params: dict[str, Any], seed: int, copy_weights: bool = True
+        self,
+        dense: nn.Module,
+        params: dict[str, Any],
+        seed: int,
+        copy_weights: bool = True,
+        aids: BuildAids | None = None,
     ) -> nn.Module:
         """The sketched replacement of ``dense`` (same device, dtype and train/eval mode).
 
@@ -113,7 +136,7 @@ class SketchKind:
         Trainer's validation), so its parameters stay trainable.
         """
         with torch.inference_mode(False):
-            module = self.build_fn(dense, params, seed, copy_weights)
+            module = self.build_fn(dense, params, seed, copy_weights, aids or BuildAids())
         module.train(dense.training)
         return module
 
@@ -130,7 +153,7 @@ class SketchKind:
 
 
 # Parameters with a default in the sketched layer's from_dense.
-_OPTIONAL = frozenset({"kernel_fn"})
+_OPTIONAL = frozenset({"kernel_fn", "init"})
 
 
 def _extremes(spec: ParamSpec) -> list[Any]:
@@ -164,6 +187,10 @@ def _low_rank(dense: nn.Module, value: Any) -> str | None:
         return reason
     limit = _rank_limit(dense)
     return None if value <= limit else f"low_rank can be at most min(in, out)={limit}"
+
+
+def _init_kind(_: nn.Module, value: Any) -> str | None:
+    return None if value in INITS else f"init must be one of {list(INITS)}"
 
 
 def _kernel_fn(_: nn.Module, value: Any) -> str | None:
@@ -215,7 +242,11 @@ def _rank_auto_space(dense: nn.Module) -> dict[str, ParamSpec]:
             f"(num_terms*low_rank would have to be below {budget:.2f}); leave it dense "
             "(exclude it from the selection)."
         )
-    return {"num_terms": Categorical([1]), "low_rank": Categorical(ranks[-8:])}
+    return {
+        "num_terms": Categorical([1]),
+        "low_rank": Categorical(ranks[-8:]),
+        "init": Categorical(["activation", "svd"]),
+    }
 
 
 # The cost functions below read only attributes that the dense layers and their sketched
@@ -308,11 +339,40 @@ def _describe(dense: nn.Module) -> str:
     return type(dense).__name__
 
 
-def _build_linear(dense: nn.Module, params: dict[str, Any], seed: int, copy: bool) -> nn.Module:
+def _init_args(
+    params: dict[str, Any], copy: bool, aids: BuildAids, describe: str
+) -> dict[str, Any]:
+    """``init``/``calibration``/``factors`` keyword arguments for ``from_dense``."""
+    init = params.get("init", "sketch")
+    if init == "sketch" or not copy:
+        return {"init": "sketch"}
+    if init == "activation" and aids.calibration is None and "activation" not in aids.factors:
+        warnings.warn(
+            f"{describe}: init='activation' needs the layer's input statistics, which are not "
+            "available here; building it with init='svd'. Load the tuned state_dict afterwards "
+            "to get the tuned weights exactly (apply_plan + load_state_dict).",
+            UserWarning,
+            stacklevel=5,
+        )
+        init = "svd"
+    return {
+        "init": init,
+        "calibration": aids.calibration if init == "activation" else None,
+        "factors": aids.factors.get(init),
+    }
+
+
+def _build_linear(
+    dense: nn.Module, params: dict[str, Any], seed: int, copy: bool, aids: BuildAids
+) -> nn.Module:
     assert isinstance(dense, nn.Linear)
     if copy:
         return SKLinear.from_dense(
-            dense, num_terms=params["num_terms"], low_rank=params["low_rank"], seed=seed
+            dense,
+            num_terms=params["num_terms"],
+            low_rank=params["low_rank"],
+            seed=seed,
+            **_init_args(params, copy, aids, _describe(dense)),
         )
     weight = dense.weight
     return SKLinear(
@@ -327,11 +387,17 @@ def _build_linear(dense: nn.Module, params: dict[str, Any], seed: int, copy: boo
     )
 
 
-def _build_conv(dense: nn.Module, params: dict[str, Any], seed: int, copy: bool) -> nn.Module:
+def _build_conv(
+    dense: nn.Module, params: dict[str, Any], seed: int, copy: bool, aids: BuildAids
+) -> nn.Module:
     assert isinstance(dense, nn.Conv2d)
     if copy:
         return SKConv2d.from_dense(
-            dense, num_terms=params["num_terms"], low_rank=params["low_rank"], seed=seed
+            dense,
+            num_terms=params["num_terms"],
+            low_rank=params["low_rank"],
+            seed=seed,
+            **_init_args(params, copy, aids, _describe(dense)),
         )
     weight = dense.weight
     return SKConv2d(
@@ -352,7 +418,9 @@ def _build_conv(dense: nn.Module, params: dict[str, Any], seed: int, copy: bool)
     )
 
 
-def _build_mha(dense: nn.Module, params: dict[str, Any], seed: int, copy: bool) -> nn.Module:
+def _build_mha(
+    dense: nn.Module, params: dict[str, Any], seed: int, copy: bool, aids: BuildAids
+) -> nn.Module:
     assert isinstance(dense, nn.MultiheadAttention)
     kernel_fn = params.get("kernel_fn", "softmax")
     m = params["num_random_features"]
@@ -381,7 +449,7 @@ LINEAR = SketchKind(
     name="SKLinear",
     dense_type=nn.Linear,
     sketch_type=SKLinear,
-    params={"num_terms": _positive_int, "low_rank": _low_rank},
+    params={"num_terms": _positive_int, "low_rank": _low_rank, "init": _init_kind},
     build_fn=_build_linear,
     auto_space_fn=_rank_auto_space,
     dense_macs_fn=_linear_dense_macs,
@@ -392,7 +460,7 @@ CONV2D = SketchKind(
     name="SKConv2d",
     dense_type=nn.Conv2d,
     sketch_type=SKConv2d,
-    params={"num_terms": _positive_int, "low_rank": _low_rank},
+    params={"num_terms": _positive_int, "low_rank": _low_rank, "init": _init_kind},
     build_fn=_build_conv,
     auto_space_fn=_rank_auto_space,
     dense_macs_fn=_conv_dense_macs,

@@ -29,9 +29,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -50,8 +51,9 @@ from sketchtune.evaluate import (
     parse_drop,
 )
 from sketchtune.measure import ShapeRecorder, layer_macs
+from sketchtune.nn._init import INITS, InputCovariance, LowRankFactors
 from sketchtune.plan import LayerPlan, SketchPlan, Swap, apply_plan
-from sketchtune.registry import SketchKind, kind_named
+from sketchtune.registry import BuildAids, SketchKind, kind_named
 from sketchtune.search import (
     ATTR,
     OptunaSearch,
@@ -173,6 +175,9 @@ class SKAutoTuner:
         seed: base seed of the sketches' random matrices (default: the search's
             seed, else 0). Each layer's seed is derived from it and the layer name.
         mode: ``"max"`` if higher accuracy is better, ``"min"`` for a loss.
+        default_init: the ``init`` of Linear/Conv2d sketches whose space does not
+            search one: ``"sketch"`` (the seed's), ``"svd"`` or ``"activation"``
+            (input statistics are then gathered once, during the dense baseline).
         optmization_eval_func: deprecated misspelling of ``optimization_eval_func``.
 
     Attributes:
@@ -221,6 +226,7 @@ class SKAutoTuner:
         strategy: Strategy | None = None,
         seed: int | None = None,
         mode: Mode = "max",
+        default_init: str = "sketch",
         optmization_eval_func: SpeedSpec = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -275,6 +281,7 @@ class SKAutoTuner:
             self.evaluator = accuracy_eval_func
         else:
             self.evaluator = FunctionEvaluator(accuracy_eval_func, optimization_eval_func)
+        self.default_init = check_choice("default_init", default_init, INITS)
         base = check_seed("seed", seed)
         self.seed = base if base is not None else (self.search_algorithm.seed or 0)
 
@@ -287,6 +294,16 @@ class SKAutoTuner:
             OrderedDict()
         )
         self._shapes = ShapeRecorder(model, sorted(self._dense))
+        # layers whose space holds init="activation" get their input statistics gathered once
+        self._aids: dict[str, BuildAids] = {}
+        self._calibrated = False
+        self._calibrate = sorted(
+            name
+            for run in self._studies
+            for group in run.groups
+            if "init" in group.space and "activation" in group.space["init"].grid()
+            for name in group.names
+        )
 
         self.best_plan: SketchPlan | None = None
         self.best_accuracy: float | None = None
@@ -342,6 +359,13 @@ class SKAutoTuner:
         else:
             assert isinstance(config.params, dict)
             space = dict(config.params)
+        if "init" in kind.params and "init" not in space and self.default_init != "sketch":
+            space["init"] = Categorical([self.default_init])
+        if "init" in space and not config.copy_weights and set(space["init"].grid()) - {"sketch"}:
+            raise ValueError(
+                f"{where}: init={space['init']!r} starts from the dense weights, but the config has "
+                "copy_weights=False; use init='sketch' or copy_weights=True."
+            )
         for name in names:
             kind.check_space(self._dense[name], space, where=f"{where} for layer {name!r}")
             _warn_costly(kind, name, self._dense[name], space, where)
@@ -402,13 +426,65 @@ class SKAutoTuner:
                         "ignore", message=".*slower and larger", category=UserWarning
                     )
                     module = kind.build(
-                        self._dense[name], dict(layer.params), layer.seed, layer.copy_weights
+                        self._dense[name],
+                        dict(layer.params),
+                        layer.seed,
+                        layer.copy_weights,
+                        self._build_aids(name, layer),
                     )
                 self._cache[key] = (module, _versions(module))
                 while len(self._cache) > max(8, 2 * len(self._dense)):
                     self._cache.popitem(last=False)
             built[name] = module
         return built
+
+    def _build_aids(self, name: str, layer: LayerPlan) -> BuildAids:
+        """Calibration and a nested factorization per layer, computed once for the largest rank searched."""
+        aids = self._aids.setdefault(name, BuildAids())
+        init = layer.params.get("init", "sketch")
+        if init in ("svd", "activation") and layer.copy_weights and init not in aids.factors:
+            if init == "activation" and aids.calibration is None:
+                return aids  # not gathered (results loaded from a file): the registry falls back to svd
+            weight = cast(torch.Tensor, self._dense[name].weight).detach()
+            weight_t = weight.reshape(weight.shape[0], -1).t()
+            aids.factors[init] = LowRankFactors.compute(
+                weight_t,
+                self._max_rank(name),
+                calibration=aids.calibration if init == "activation" else None,
+            )
+        return aids
+
+    def _max_rank(self, name: str) -> int:
+        """The largest total rank ``2 * num_terms * low_rank`` the search can ask of ``name``."""
+        for run in self._studies:
+            for group in run.groups:
+                if name in group.names:
+                    terms = max(group.space["num_terms"].grid())
+                    rank = max(group.space["low_rank"].grid())
+                    return int(2 * terms * rank)
+        raise KeyError(name)  # pragma: no cover - only selected layers are built
+
+    @contextmanager
+    def _calibration_hooks(self) -> Iterator[None]:
+        """Gather the input covariance of the layers that need it during one dense evaluation."""
+        handles = []
+        for name in self._calibrate:
+            dense = self._dense[name]
+            cov = InputCovariance(_fan_in(dense))
+            self._aids.setdefault(name, BuildAids()).calibration = cov
+            handles.append(dense.register_forward_pre_hook(_covariance_hook(dense, cov)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name in self._calibrate:  # every process adds its share (DDP)
+            gathered = self._aids[name].calibration
+            assert gathered is not None
+            if gathered.gram is not None:
+                gathered.gram = self.evaluator.reduce_sum(gathered.gram)
+            total = self.evaluator.reduce_sum(torch.tensor(float(gathered.count)))
+            gathered.count = int(total.item())
 
     def _accuracy(self, trial: optuna.Trial | RemoteTrial | None) -> float:
         runs = []
@@ -467,9 +543,15 @@ class SKAutoTuner:
     ) -> _Outcome:
         modules = self._build(plan)
         early_stop = False
+        calibrating = not plan and bool(self._calibrate) and not self._calibrated
         with Swap(self.model, modules) as swap:
             try:
-                accuracy = self._accuracy(trial)
+                if calibrating:
+                    with self._calibration_hooks():
+                        accuracy = self._accuracy(trial)
+                    self._calibrated = True
+                else:
+                    accuracy = self._accuracy(trial)
             except NonFiniteMetric as exc:
                 raise _TrialFailed(str(exc)) from None
             except FloorUnreachable as exc:
@@ -653,7 +735,7 @@ class SKAutoTuner:
             for run in self._studies
             if run.study is not None and _STUDY_DENSE in run.study.user_attrs
         ]
-        if stored:
+        if stored and not (self._calibrate and not self._calibrated):
             self.dense_accuracy = float(stored[0])
             self._say(f"dense accuracy {self.dense_accuracy:.6g} (stored in the study)")
         else:
@@ -943,6 +1025,24 @@ def _warn_costly(
             UserWarning,
             stacklevel=5,
         )
+
+
+def _fan_in(dense: nn.Module) -> int:
+    weight = dense.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight[0].numel())
+
+
+def _covariance_hook(dense: nn.Module, cov: InputCovariance) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        if isinstance(dense, nn.Conv2d):
+            cov.update_conv(args[0], dense.kernel_size, dense.stride, dense.padding, dense.dilation)  # type: ignore[arg-type]
+        else:
+            cov.update(args[0])
+
+    return hook
 
 
 def _joint_key(names: list[str]) -> str:

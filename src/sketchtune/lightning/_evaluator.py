@@ -309,6 +309,14 @@ class LightningEvaluator(Evaluator):
             return obj
         return self.trainer.strategy.broadcast(obj, src=0)
 
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size == 1:
+            return tensor
+        result: torch.Tensor = self.trainer.strategy.reduce(
+            tensor.to(self.pl_module.device), reduce_op="sum"
+        )
+        return result.to(tensor.device)
+
     def announce(self, command: Command) -> None:
         self._broadcast(command)
 

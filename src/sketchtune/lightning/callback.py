@@ -77,6 +77,10 @@ class SketchTuneCallback(Callback):
         run_on: ``"fit_end"`` or ``"validate"``.
         apply_best: swap the best plan into the model after the search.
         seed: seed of the default sampler and of the sketches' random matrices.
+        default_init: how Linear/Conv2d sketches start when the space does not
+            search ``init``: ``"activation"`` (activation-aware SVD from input
+            statistics gathered once during the dense validation; the most
+            accurate at a given rank, see the README), ``"svd"`` or ``"sketch"``.
         metric_range: the monitored metric's possible range, used to stop a trial's
             validation once it cannot reach the floor; needs ``validation_step`` to
             return the batch's metric (``return {"val_acc": acc}``). ``None`` disables that.
@@ -123,6 +127,7 @@ class SketchTuneCallback(Callback):
         apply_best: bool = True,
         seed: int | None = None,
         metric_range: tuple[float, float] | None = (0.0, 1.0),
+        default_init: Literal["sketch", "svd", "activation"] = "activation",
     ) -> None:
         self.configs = TuningConfigs.coerce(configs)
         if not isinstance(monitor, str) or not monitor:
@@ -151,6 +156,9 @@ class SketchTuneCallback(Callback):
         self.apply_best = bool(apply_best)
         self.seed = check_seed("seed", seed)
         self.metric_range = _check_range(metric_range)
+        self.default_init = check_choice(
+            "default_init", default_init, ("sketch", "svd", "activation")
+        )
         if pruner is not None and finetune_steps == 0:
             warnings.warn(
                 "`pruner` is only used with finetune_steps > 0 (trials report intermediate "
@@ -282,6 +290,7 @@ class SketchTuneCallback(Callback):
             strategy=self.strategy,
             seed=self.seed,
             mode=self.mode,
+            default_init=self.default_init,
         )
         self.tuner = tuner
         state = _TrainerState(trainer, loop)

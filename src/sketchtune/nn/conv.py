@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sketchtune._validation import check_bool, check_int
-from sketchtune.nn import _sketch
+from sketchtune.nn import _init, _sketch
+from sketchtune.nn._init import InputCovariance, LowRankFactors
 
 __all__ = ["SKConv2d"]
 
@@ -87,6 +88,9 @@ class SKConv2d(nn.Module):
         groups: int = 1,
         padding_mode: str = "zeros",
         seed: int | None = None,
+        init: str = "sketch",
+        calibration: InputCovariance | torch.Tensor | None = None,
+        factors: LowRankFactors | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, minimum=1)
@@ -124,17 +128,34 @@ class SKConv2d(nn.Module):
             _sketch.check_weight("W_init", W_init, kernel_shape)
         self.seed = _sketch.resolve_seed(seed)
         self._scale = 1.0 / (2 * self.num_terms)
-
         rank = self.num_terms * self.low_rank
+        if isinstance(calibration, torch.Tensor) and calibration.dim() in (3, 4):
+            images, calibration = calibration, InputCovariance(d_in)
+            calibration.update_conv(
+                images, self.kernel_size, self.stride, self.padding, self.dilation
+            )
+        weight_t = None if W_init is None else W_init.reshape(self.out_channels, d_in).t()
+        placed = _init.prepare(init, weight_t, 2 * rank, calibration=calibration, factors=factors)
+        self.init = init
+
         gen = _sketch.generator(self.seed)
         kw_ = {"dtype": dtype, "device": device}
-        self.register_buffer(
-            "U1",
-            _sketch.sign_matrix(
+        if placed is None:  # the seed's random-sign sketch
+            u1 = _sketch.sign_matrix(
                 self.out_channels, rank, self.low_rank, gen, dtype=dtype, device=device
-            ),
-        )
-        u2 = _sketch.sign_matrix(rank, d_in, self.low_rank, gen, dtype=dtype, device=device)
+            )
+            u2 = _sketch.sign_matrix(rank, d_in, self.low_rank, gen, dtype=dtype, device=device)
+        else:
+            # linear layout (S1 | U2) is d_in x r, (U1; S2) is r x C_out; the conv stores them transposed
+            s1_lin, u2_lin, u1_lin, s2_lin = _init.split_factors(
+                placed,
+                self.num_terms,
+                self.low_rank,
+                dtype=dtype or torch.get_default_dtype(),
+                device=torch.device(device) if device is not None else torch.device("cpu"),
+            )
+            u1, u2 = u1_lin.t().contiguous(), u2_lin.t().contiguous()
+        self.register_buffer("U1", u1)
         self.register_buffer("U2", u2.view(rank, self.in_channels, kh, kw))
         self.S1 = nn.Parameter(torch.empty(rank, self.in_channels, kh, kw, **kw_))  # type: ignore[arg-type]
         self.S2 = nn.Parameter(torch.empty(self.out_channels, rank, **kw_))  # type: ignore[arg-type]
@@ -145,10 +166,15 @@ class SKConv2d(nn.Module):
         )
 
         bound = 1.0 / math.sqrt(d_in)
-        if W_init is None:
-            # nn.Conv2d's kaiming_uniform_(a=sqrt(5)) has bound 1/sqrt(fan_in), as does its bias.
-            W_init = _sketch.uniform_(torch.empty(kernel_shape), bound, gen)
-        self._load_sketch(W_init)
+        if placed is not None:
+            with torch.no_grad():
+                self.S1.copy_(s1_lin.t().reshape(rank, self.in_channels, kh, kw))
+                self.S2.copy_(s2_lin.t())
+        else:
+            if W_init is None:
+                # nn.Conv2d's kaiming_uniform_(a=sqrt(5)) has bound 1/sqrt(fan_in), as does its bias.
+                W_init = _sketch.uniform_(torch.empty(kernel_shape), bound, gen)
+            self._load_sketch(W_init)
         if self.bias is not None:
             _sketch.uniform_(self.bias, bound, gen)
 
@@ -160,6 +186,9 @@ class SKConv2d(nn.Module):
         num_terms: int,
         low_rank: int,
         seed: int | None = None,
+        init: str = "sketch",
+        calibration: InputCovariance | torch.Tensor | None = None,
+        factors: LowRankFactors | None = None,
     ) -> SKConv2d:
         """Build a sketch of ``conv``, copying its kernel, bias, geometry, device and dtype.
 
@@ -168,6 +197,12 @@ class SKConv2d(nn.Module):
             num_terms: number of sketch pairs ``L``.
             low_rank: rank ``k`` of each sketch.
             seed: seed of the random matrices.
+            init: ``"sketch"``, ``"svd"`` (of the kernel reshaped to
+                ``C_out x C_in*kh*kw``) or ``"activation"`` (best for the patches the
+                kernel sees; needs ``calibration``). See ``SKLinear.from_dense``.
+            calibration: input images ``(N, C_in, H, W)``, patch rows
+                ``(n, C_in*kh*kw)``, or an :class:`InputCovariance` of the patches.
+            factors: a precomputed :class:`LowRankFactors` of the reshaped kernel.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"`conv` must be an nn.Conv2d, got {type(conv).__name__}.")
@@ -188,6 +223,9 @@ class SKConv2d(nn.Module):
             groups=conv.groups,
             padding_mode=conv.padding_mode,
             seed=seed,
+            init=init,
+            calibration=calibration,
+            factors=factors,
         )
         if conv.bias is not None:
             assert layer.bias is not None
@@ -254,7 +292,7 @@ class SKConv2d(nn.Module):
             s += f", padding={self.padding!r}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
-        return s + f", bias={self.bias is not None}, seed={self.seed}"
+        return s + f", bias={self.bias is not None}, init={self.init!r}, seed={self.seed}"
 
 
 def _pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from sketchtune._validation import check_bool, check_int
-from sketchtune.nn import _sketch
+from sketchtune.nn import _init, _sketch
+from sketchtune.nn._init import InputCovariance, LowRankFactors
 
 __all__ = ["SKLinear"]
 
@@ -83,6 +84,9 @@ class SKLinear(nn.Module):
         device: torch.device | str | None = None,
         *,
         seed: int | None = None,
+        init: str = "sketch",
+        calibration: InputCovariance | torch.Tensor | None = None,
+        factors: LowRankFactors | None = None,
     ) -> None:
         super().__init__()
         self.in_features = check_int("in_features", in_features, minimum=1)
@@ -101,22 +105,33 @@ class SKLinear(nn.Module):
             _sketch.check_weight("W_init", W_init, (self.out_features, self.in_features))
         self.seed = _sketch.resolve_seed(seed)
         self._scale = 1.0 / (2 * self.num_terms)
-
         rank = self.num_terms * self.low_rank
+        placed = _init.prepare(
+            init,
+            None if W_init is None else W_init.t(),
+            2 * rank,
+            calibration=calibration,
+            factors=factors,
+        )
+        self.init = init
+
         gen = _sketch.generator(self.seed)
         kw = {"dtype": dtype, "device": device}
-        self.register_buffer(
-            "U1",
-            _sketch.sign_matrix(
+        if placed is None:  # the seed's random-sign sketch
+            u1 = _sketch.sign_matrix(
                 rank, self.out_features, self.low_rank, gen, dtype=dtype, device=device
-            ),
-        )
-        self.register_buffer(
-            "U2",
-            _sketch.sign_matrix(
+            )
+            u2 = _sketch.sign_matrix(
                 self.in_features, rank, self.low_rank, gen, dtype=dtype, device=device
-            ),
-        )
+            )
+        else:
+            target_dtype = dtype or torch.get_default_dtype()
+            target_device = torch.device(device) if device is not None else torch.device("cpu")
+            s1, u2, u1, s2 = _init.split_factors(
+                placed, self.num_terms, self.low_rank, dtype=target_dtype, device=target_device
+            )
+        self.register_buffer("U1", u1)
+        self.register_buffer("U2", u2)
         self.S1 = nn.Parameter(torch.empty(self.in_features, rank, **kw))  # type: ignore[arg-type]
         self.S2 = nn.Parameter(torch.empty(rank, self.out_features, **kw))  # type: ignore[arg-type]
         self.bias = (
@@ -126,10 +141,17 @@ class SKLinear(nn.Module):
         )
 
         bound = 1.0 / math.sqrt(self.in_features)
-        if W_init is None:
-            # Same distribution as nn.Linear's kaiming_uniform_(a=sqrt(5)), drawn from our generator.
-            W_init = _sketch.uniform_(torch.empty(self.out_features, self.in_features), bound, gen)
-        self._load_sketch(W_init)
+        if placed is not None:
+            with torch.no_grad():
+                self.S1.copy_(s1)
+                self.S2.copy_(s2)
+        else:
+            if W_init is None:
+                # nn.Linear's kaiming_uniform_(a=sqrt(5)) distribution, drawn from our generator.
+                W_init = _sketch.uniform_(
+                    torch.empty(self.out_features, self.in_features), bound, gen
+                )
+            self._load_sketch(W_init)
         if self.bias is not None:
             _sketch.uniform_(self.bias, bound, gen)
 
@@ -141,6 +163,9 @@ class SKLinear(nn.Module):
         num_terms: int,
         low_rank: int,
         seed: int | None = None,
+        init: str = "sketch",
+        calibration: InputCovariance | torch.Tensor | None = None,
+        factors: LowRankFactors | None = None,
     ) -> SKLinear:
         """Build a sketch of ``linear``, copying its weight, bias, device and dtype.
 
@@ -149,6 +174,14 @@ class SKLinear(nn.Module):
             num_terms: number of sketch pairs ``L``.
             low_rank: rank ``k`` of each sketch.
             seed: seed of the random matrices (see the class docstring).
+            init: how the factors start: ``"sketch"`` (the seed's random-sign
+                sketch, unbiased), ``"svd"`` (best rank-``2Lk`` approximation of the
+                weight) or ``"activation"`` (best for the layer's inputs; needs
+                ``calibration``). Same shapes and forward cost for all three.
+            calibration: the layer's inputs (``(n, in_features)``) or an
+                :class:`InputCovariance` of them, for ``init="activation"``.
+            factors: a precomputed :class:`LowRankFactors` of this weight to reuse
+                across ranks (its top-``2Lk`` part is used).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(
@@ -167,6 +200,9 @@ class SKLinear(nn.Module):
             dtype=weight.dtype,
             device=weight.device,
             seed=seed,
+            init=init,
+            calibration=calibration,
+            factors=factors,
         )
         if linear.bias is not None:
             assert layer.bias is not None
@@ -213,5 +249,5 @@ class SKLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"num_terms={self.num_terms}, low_rank={self.low_rank}, "
-            f"bias={self.bias is not None}, seed={self.seed}"
+            f"bias={self.bias is not None}, init={self.init!r}, seed={self.seed}"
         )
