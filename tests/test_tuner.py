@@ -117,8 +117,10 @@ def test_speed_is_timed_interleaved_only_for_feasible_trials(mlp: MLP) -> None:
         ),
     )
     tuner.tune()
-    # two feasible trials x 2 runs x (dense, sketch) interleaved; nothing for the infeasible one
-    assert calls == ["dense", "sketch"] * 4
+    # two feasible trials x 2 runs x (dense, sketch) interleaved, nothing for the infeasible one;
+    # then both feasible plans are re-timed once more to confirm the winner
+    assert calls == ["dense", "sketch"] * 4 + ["dense", "sketch"] * 4
+    assert len(tuner.confirmation_log) == 2
     df = tuner.get_results_dataframe()
     assert sorted(df.speedup.dropna()) == [3.0, 3.0]
     assert sorted(df.speed.dropna()) == [300.0, 300.0]
@@ -217,7 +219,7 @@ def test_global_strategy_searches_every_layer_in_one_study_and_evaluates_the_com
 
     def accuracy(model: nn.Module) -> float:
         if sketched_count(model):
-            seen.append((model.fc1.low_rank, model.fc2.low_rank))
+            seen.append(tuple(getattr(m, "low_rank", 0) for m in (model.fc1, model.fc2)))
         return 1.0
 
     tuner = SKAutoTuner(
@@ -227,20 +229,19 @@ def test_global_strategy_searches_every_layer_in_one_study_and_evaluates_the_com
         accuracy_threshold=0.5,
         optimization_eval_func="flops",
         strategy="global",
-        search_algorithm=OptunaSearch(n_trials=6, sampler=optuna.samplers.RandomSampler(seed=0)),
+        search_algorithm=OptunaSearch(n_trials=12, sampler=optuna.samplers.RandomSampler(seed=0)),
     )
     tuner.tune()
     study = tuner.search_algorithm.study
     assert study is not None
-    assert set(study.trials[0].params) == {
-        "fc1.num_terms",
-        "fc1.low_rank",
-        "fc2.num_terms",
-        "fc2.low_rank",
-    }
-    assert len(seen) == len(
-        {tuple(sorted(t.params.items())) for t in study.trials}
-    )  # each combination once
+    names = set().union(*(t.params for t in study.trials))
+    # every layer may also stay dense; its other parameters are then not asked for
+    assert names == {"fc1.enabled", "fc1.num_terms", "fc1.low_rank", "fc2.enabled", "fc2.num_terms", "fc2.low_rank"}
+    for t in study.trials:
+        for layer in ("fc1", "fc2"):
+            assert (f"{layer}.low_rank" in t.params) == t.params[f"{layer}.enabled"]
+    plans = {json.dumps(t.user_attrs["sketchtune"]["plan"], sort_keys=True) for t in study.trials}
+    assert len(seen) == len([p for p in plans if p != "{}"])  # each distinct combination evaluated once
     assert tuner.combination_log == []  # the winner was itself a measured combination
     df = tuner.get_results_dataframe()
     assert tuner.best_plan is not None
@@ -254,7 +255,9 @@ def test_global_strategy_searches_every_layer_in_one_study_and_evaluates_the_com
         optuna.samplers.CmaEsSampler(seed=0),
         optuna.samplers.RandomSampler(seed=0),
         optuna.samplers.NSGAIISampler(seed=0),
-        optuna.samplers.GridSampler({"fc1.low_rank": [4, 8], "fc2.low_rank": [4, 8]}),
+        optuna.samplers.GridSampler(
+            {"fc1.enabled": [True], "fc2.enabled": [True], "fc1.low_rank": [4, 8], "fc2.low_rank": [4, 8]}
+        ),
     ],
     ids=lambda s: type(s).__name__,
 )
@@ -747,6 +750,8 @@ def test_activation_init_gathers_input_statistics_once_per_layer_and_wins(mlp: M
                         "fc2.num_terms": [1],
                         "fc1.init": [init],
                         "fc2.init": [init],
+                        "fc1.enabled": [True],
+                        "fc2.enabled": [True],
                     }
                 )
             ),

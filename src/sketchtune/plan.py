@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,8 +231,16 @@ class Swap:
         self.restore()
 
 
-def build_replacements(model: nn.Module, plan: SketchPlan) -> dict[str, nn.Module]:
+def build_replacements(
+    model: nn.Module,
+    plan: SketchPlan,
+    *,
+    build: Callable[[SketchPlan], dict[str, nn.Module]] | None = None,
+) -> dict[str, nn.Module]:
     """Check ``plan`` against ``model`` and build every sketched layer, changing nothing in ``model``.
+
+    ``build`` replaces the default construction (the tuner passes its own, which
+    reuses input statistics and factorizations); the checks are the same.
 
     Raises:
         ValueError: a layer is missing, has another type or size than the plan was
@@ -269,8 +277,9 @@ def build_replacements(model: nn.Module, plan: SketchPlan) -> dict[str, nn.Modul
                 f"{kind.describe(module)} there; use the plan with the model it was tuned on."
             )
         kind.check_params(module, layer.params, where=f"plan[{name!r}]")
-        built[name] = kind.build(module, dict(layer.params), layer.seed, layer.copy_weights)
-    return built
+        if build is None:
+            built[name] = kind.build(module, dict(layer.params), layer.seed, layer.copy_weights)
+    return build(plan) if build is not None else built
 
 
 def apply_plan(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from sketchtune.plan import SketchPlan
 from sketchtune.registry import kind_of, sketch_of
 
 if TYPE_CHECKING:
@@ -16,7 +18,14 @@ if TYPE_CHECKING:
 
     from sketchtune.tuner import TrialRecord
 
-__all__ = ["format_model_tree", "plot_history", "plot_pareto", "records_dataframe"]
+__all__ = [
+    "RunSummary",
+    "format_model_tree",
+    "plot_history",
+    "plot_pareto",
+    "records_dataframe",
+    "write_report",
+]
 
 _FIXED_COLUMNS = [
     "accuracy",
@@ -173,7 +182,7 @@ def plot_pareto(
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -214,3 +223,92 @@ def plot_history(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+@dataclass
+class RunSummary:
+    """Dense vs tuned, for the end-of-run table and ``summary.md``."""
+
+    monitor: str
+    floor: str
+    dense_accuracy: float | None
+    tuned_accuracy: float | None
+    dense_throughput: float | None
+    tuned_throughput: float | None
+    dense_weights: int
+    tuned_weights: int
+    plan: SketchPlan
+    trials: int
+    feasible: int
+    storage: str | None
+    study_name: str | None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.dense_throughput and self.tuned_throughput:
+            return self.tuned_throughput / self.dense_throughput
+        return None
+
+    def table(self) -> str:
+        """A Markdown table: accuracy, throughput, speedup and weights, then each sketched layer."""
+
+        def num(value: float | None, fmt: str) -> str:
+            return "n/a" if value is None else format(value, fmt)
+
+        speedup = self.speedup
+        lines = [
+            f"| model | {self.monitor} | throughput (samples/s) | speedup | weights (params + buffers) |",
+            "|---|---:|---:|---:|---:|",
+            f"| dense | {num(self.dense_accuracy, '.4f')} | {num(self.dense_throughput, ',.0f')} | 1.00x "
+            f"| {self.dense_weights:,} |",
+            f"| tuned | {num(self.tuned_accuracy, '.4f')} | {num(self.tuned_throughput, ',.0f')} "
+            f"| {num(speedup, '.2f')}{'x' if speedup is not None else ''} | {self.tuned_weights:,} |",
+            "",
+            f"Floor {self.floor}; {self.feasible}/{self.trials} trials feasible.",
+            "",
+        ]
+        if self.plan:
+            lines += ["| layer | sketched as | parameters |", "|---|---|---|"]
+            for name, layer in self.plan.items():
+                params = ", ".join(f"{k}={v}" for k, v in layer.params.items())
+                lines.append(f"| {name} | {layer.type} | {params} |")
+        else:
+            lines.append("No sketch kept the floor and ran faster: the model stays dense.")
+        return "\n".join(lines)
+
+    def dashboard_hint(self) -> str:
+        if self.storage and "://" in self.storage:
+            return f"Browse the study: optuna-dashboard {self.storage}"
+        return "The study is in memory; pass storage='sqlite:///tune.db' to browse it with optuna-dashboard."
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    summary: RunSummary,
+    records: Sequence[TrialRecord],
+    *,
+    floor: float | None = None,
+) -> dict[str, str]:
+    """Write ``results.csv``, ``plan.json``, ``summary.md`` and (with matplotlib) the two plots.
+
+    Returns:
+        ``{name: path}`` of the files written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        name: os.path.join(os.fspath(out_dir), name)
+        for name in ("results.csv", "plan.json", "summary.md")
+    }
+    records_dataframe(records).to_csv(paths["results.csv"], index=False)
+    summary.plan.save(paths["plan.json"])
+    with open(paths["summary.md"], "w", encoding="utf-8") as fh:
+        fh.write(summary.table() + "\n\n" + summary.dashboard_hint() + "\n")
+    try:
+        _pyplot()
+    except ImportError:
+        return paths
+    paths["pareto.png"] = os.path.join(os.fspath(out_dir), "pareto.png")
+    paths["history.png"] = os.path.join(os.fspath(out_dir), "history.png")
+    plot_pareto(records, paths["pareto.png"], floor=floor, dense_accuracy=summary.dense_accuracy)
+    plot_history(records, paths["history.png"])
+    return paths

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import statistics
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -19,12 +20,14 @@ import optuna
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from typing_extensions import override
 
 from sketchtune._validation import check_choice, check_float, check_int, check_seed
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.lightning._evaluator import LightningEvaluator
-from sketchtune.plan import SketchPlan, apply_plan
+from sketchtune.plan import SketchPlan, Swap
+from sketchtune.results import RunSummary, write_report
 from sketchtune.search import OptunaSearch, redact
 from sketchtune.tuner import SKAutoTuner, TrialRecord
 
@@ -81,6 +84,9 @@ class SketchTuneCallback(Callback):
             search ``init``: ``"activation"`` (activation-aware SVD from input
             statistics gathered once during the dense validation; the most
             accurate at a given rank, see the README), ``"svd"`` or ``"sketch"``.
+        output_dir: where to write the run's ``results.csv``, ``plan.json``,
+            ``summary.md``, ``pareto.png`` and ``history.png`` (``None``: write nothing;
+            the dense-vs-tuned table is printed either way).
         metric_range: the monitored metric's possible range, used to stop a trial's
             validation once it cannot reach the floor; needs ``validation_step`` to
             return the batch's metric (``return {"val_acc": acc}``). ``None`` disables that.
@@ -128,6 +134,7 @@ class SketchTuneCallback(Callback):
         seed: int | None = None,
         metric_range: tuple[float, float] | None = (0.0, 1.0),
         default_init: Literal["sketch", "svd", "activation"] = "activation",
+        output_dir: str | None = None,
     ) -> None:
         self.configs = TuningConfigs.coerce(configs)
         if not isinstance(monitor, str) or not monitor:
@@ -159,6 +166,9 @@ class SketchTuneCallback(Callback):
         self.default_init = check_choice(
             "default_init", default_init, ("sketch", "svd", "activation")
         )
+        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+            raise TypeError(f"`output_dir` must be a directory path or None, got {output_dir!r}.")
+        self.output_dir = output_dir
         if pruner is not None and finetune_steps == 0:
             warnings.warn(
                 "`pruner` is only used with finetune_steps > 0 (trials report intermediate "
@@ -179,6 +189,7 @@ class SketchTuneCallback(Callback):
         self.study: optuna.Study | None = None
         self.tuner: SKAutoTuner | None = None
         self.applied_plan: SketchPlan | None = None
+        self.summary: RunSummary | None = None
         self._searching = False
         self._modes: dict[str, bool] | None = None
 
@@ -326,12 +337,66 @@ class SketchTuneCallback(Callback):
         self.best_speedup, self.best_accuracy = tuner.best_speedup, tuner.best_accuracy
         self.dense_accuracy = tuner.dense_accuracy
         self.study = search.study
+        dense_weights = _count_weights(pl_module)
+        throughput = self._final_throughput(evaluator, tuner, self.best_plan)
+        if self.apply_best and self.best_plan:
+            tuner.apply(self.best_plan)  # built as measured (activation statistics included)
+            self.applied_plan = self.best_plan
         if trainer.is_global_zero:
             self.results = tuner.get_results_dataframe()
             self._report(search, loggers)
-        if self.apply_best and self.best_plan:
-            apply_plan(pl_module, self.best_plan)
-            self.applied_plan = self.best_plan
+            self._summarize(search, dense_weights, throughput)
+
+    def _final_throughput(
+        self, evaluator: LightningEvaluator, tuner: SKAutoTuner, plan: SketchPlan, rounds: int = 5
+    ) -> tuple[float | None, float | None]:
+        """Dense and tuned throughput of ``plan``, interleaved, median of ``rounds`` (all ranks)."""
+        if self.speed != "measure" or not plan:
+            return None, None
+        dense, tuned = [], []
+        swap = Swap(tuner.model, tuner._build(plan))
+        try:
+            for _ in range(rounds):
+                dense.append(evaluator.throughput(tuner.model))
+                swap.apply()
+                tuned.append(evaluator.throughput(tuner.model))
+                swap.restore()
+        finally:
+            if swap.applied:
+                swap.restore()
+        return statistics.median(dense), statistics.median(tuned)
+
+    def _summarize(
+        self,
+        search: OptunaSearch,
+        dense_weights: int,
+        throughput: tuple[float | None, float | None],
+    ) -> None:
+        tuner = self.tuner
+        assert tuner is not None
+        df = self.results
+        assert df is not None
+        summary = RunSummary(
+            monitor=self.monitor,
+            floor=tuner.floor.describe(),
+            dense_accuracy=self.dense_accuracy,
+            tuned_accuracy=self.best_accuracy if self.best_plan else self.dense_accuracy,
+            dense_throughput=throughput[0],
+            tuned_throughput=throughput[1],
+            dense_weights=dense_weights,
+            tuned_weights=_count_weights(tuner.model) if self.applied_plan else dense_weights,
+            plan=self.best_plan or SketchPlan(),
+            trials=len(df),
+            feasible=int(df.feasible.sum()) if len(df) else 0,
+            storage=self.storage if isinstance(self.storage, str) else None,
+            study_name=search.study_name,
+        )
+        self.summary = summary
+        text = "sketchtune: dense vs tuned\n" + summary.table() + "\n" + summary.dashboard_hint()
+        if self.output_dir is not None:
+            paths = write_report(self.output_dir, summary, tuner.records, floor=tuner.floor.value)
+            text += "\nWrote " + ", ".join(sorted(paths.values()))
+        rank_zero_info(text)
 
     def _report(self, search: OptunaSearch, loggers: list[Logger]) -> None:
         tuner = self.tuner
@@ -381,6 +446,7 @@ class _TrainerState:
         self.callbacks = list(self.trainer.callbacks)
         self.loggers = list(trainer.loggers)
         self.stage = trainer.state.stage
+        self.bar_was_enabled = False
         self.verbose = loop.verbose
         self.loop_state = copy.deepcopy(loop.state_dict())
         self.metrics: list[tuple[dict[str, Any], dict[str, Any]]] = [
@@ -394,7 +460,13 @@ class _TrainerState:
 
     def detach(self, hooks: list[Callback]) -> None:
         trainer = self.trainer
-        trainer.callbacks = list(hooks)  # no checkpoints, early stopping or progress bars per trial
+        # No checkpoints, early stopping or per-trial validation bars. The progress bar stays
+        # registered but disabled: Rich's live display asks the trainer for it while it renders.
+        bar = trainer.progress_bar_callback
+        self.bar_was_enabled = bar is not None and bar.is_enabled
+        if bar is not None:
+            bar.disable()
+        trainer.callbacks = [*hooks, *([bar] if bar is not None else [])]
         trainer.loggers = []  # trials are logged by the callback, as trials
         self.loop.verbose = False
         trainer.state.stage = RunningStage.VALIDATING
@@ -402,6 +474,8 @@ class _TrainerState:
     def restore(self) -> None:
         trainer = self.trainer
         trainer.callbacks = self.callbacks
+        if self.bar_was_enabled and trainer.progress_bar_callback is not None:
+            trainer.progress_bar_callback.enable()
         trainer.loggers = self.loggers
         trainer.state.stage = self.stage
         self.loop.verbose = self.verbose
@@ -412,6 +486,11 @@ class _TrainerState:
         for target, saved in self.metrics:
             target.clear()
             target.update(saved)
+
+
+def _count_weights(module: nn.Module) -> int:
+    """Parameters and buffers: what the model stores."""
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
 
 
 def _has_validation_batches(loop: _EvaluationLoop) -> bool:
@@ -441,19 +520,26 @@ class _TrialLogger:
 
 
 class _Progress:
-    """A trial progress bar in the style of Lightning's TQDM bar (when the Trainer shows one)."""
+    """Trial progress: a tqdm bar next to Lightning's TQDM bar, one log line per trial otherwise."""
 
     def __init__(self, trainer: Trainer, total: int) -> None:
-        self.bar = None
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        self.total = total
         self.best = -math.inf
         self.feasible = 0
         self.done = 0
-        if trainer.progress_bar_callback is not None:
+        self.bar: Any = None
+        self.lines = False
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
                 total=total, desc="sketchtune", unit="trial", dynamic_ncols=True, leave=True
             )
+        elif bar is not None:
+            self.lines = True  # e.g. Rich, whose live display prints log lines above itself
 
     def update(self, record: TrialRecord) -> None:
         self.done += 1
@@ -461,10 +547,17 @@ class _Progress:
             self.feasible += 1
             if record.speedup is not None:
                 self.best = max(self.best, record.speedup)
+        best = f"{self.best:.2f}x" if self.best > -math.inf else "-"
         if self.bar is not None:
-            best = f"{self.best:.2f}x" if self.best > -math.inf else "-"
             self.bar.set_postfix(best=best, feasible=f"{self.feasible}/{self.done}", refresh=False)
             self.bar.update(1)
+        elif self.lines:
+            accuracy = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
+            rank_zero_info(
+                f"sketchtune trial {self.done}/{self.total}: accuracy {accuracy}, "
+                f"{'feasible' if record.feasible else 'infeasible'}; best {best}, "
+                f"feasible {self.feasible}/{self.done}"
+            )
 
     def close(self) -> None:
         if self.bar is not None:
