@@ -23,11 +23,15 @@ from sketchtune.examples.digits import DigitsDataModule, DigitsMLP
 
 
 def main(argv: list[str] | None = None) -> SketchTuneCallback:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--out", default="runs/digits_mlp")
-    parser.add_argument("--quick", action="store_true", help="2 epochs, 4 trials: checks that it runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 epochs, 4 trials: checks that it runs"
+    )
     args = parser.parse_args(argv)
     epochs, trials = (2, 4) if args.quick else (args.epochs, args.trials)
     out = Path(args.out)

@@ -236,12 +236,21 @@ def test_global_strategy_searches_every_layer_in_one_study_and_evaluates_the_com
     assert study is not None
     names = set().union(*(t.params for t in study.trials))
     # every layer may also stay dense; its other parameters are then not asked for
-    assert names == {"fc1.enabled", "fc1.num_terms", "fc1.low_rank", "fc2.enabled", "fc2.num_terms", "fc2.low_rank"}
+    assert names == {
+        "fc1.enabled",
+        "fc1.num_terms",
+        "fc1.low_rank",
+        "fc2.enabled",
+        "fc2.num_terms",
+        "fc2.low_rank",
+    }
     for t in study.trials:
         for layer in ("fc1", "fc2"):
             assert (f"{layer}.low_rank" in t.params) == t.params[f"{layer}.enabled"]
     plans = {json.dumps(t.user_attrs["sketchtune"]["plan"], sort_keys=True) for t in study.trials}
-    assert len(seen) == len([p for p in plans if p != "{}"])  # each distinct combination evaluated once
+    assert len(seen) == len(
+        [p for p in plans if p != "{}"]
+    )  # each distinct combination evaluated once
     assert tuner.combination_log == []  # the winner was itself a measured combination
     df = tuner.get_results_dataframe()
     assert tuner.best_plan is not None
@@ -256,7 +265,12 @@ def test_global_strategy_searches_every_layer_in_one_study_and_evaluates_the_com
         optuna.samplers.RandomSampler(seed=0),
         optuna.samplers.NSGAIISampler(seed=0),
         optuna.samplers.GridSampler(
-            {"fc1.enabled": [True], "fc2.enabled": [True], "fc1.low_rank": [4, 8], "fc2.low_rank": [4, 8]}
+            {
+                "fc1.enabled": [True],
+                "fc2.enabled": [True],
+                "fc1.low_rank": [4, 8],
+                "fc2.low_rank": [4, 8],
+            }
         ),
     ],
     ids=lambda s: type(s).__name__,

@@ -249,7 +249,7 @@ class SketchTuneCallback(Callback):
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self.applied_plan:
+        if self.applied_plan is not None:
             checkpoint[PLAN_CHECKPOINT_KEY] = self.applied_plan.to_dict()
 
     @override
@@ -273,7 +273,7 @@ class SketchTuneCallback(Callback):
     # -- the search --------------------------------------------------------------------
 
     def _search(self, trainer: Trainer, pl_module: LightningModule, loop: _EvaluationLoop) -> None:
-        if self.applied_plan:
+        if self.applied_plan:  # a non-empty plan is in the model already
             rank_zero_info(
                 "sketchtune: the model is already sketched by an earlier search; not searching again."
             )
@@ -339,9 +339,10 @@ class SketchTuneCallback(Callback):
         self.study = search.study
         dense_weights = _count_weights(pl_module)
         throughput = self._final_throughput(evaluator, tuner, self.best_plan)
-        if self.apply_best and self.best_plan:
-            tuner.apply(self.best_plan)  # built as measured (activation statistics included)
-            self.applied_plan = self.best_plan
+        if self.apply_best:
+            if self.best_plan:
+                tuner.apply(self.best_plan)  # built as measured (activation statistics included)
+            self.applied_plan = self.best_plan  # possibly empty: checkpoints then say "dense"
         if trainer.is_global_zero:
             self.results = tuner.get_results_dataframe()
             self._report(search, loggers)
@@ -384,7 +385,7 @@ class SketchTuneCallback(Callback):
             dense_throughput=throughput[0],
             tuned_throughput=throughput[1],
             dense_weights=dense_weights,
-            tuned_weights=_count_weights(tuner.model) if self.applied_plan else dense_weights,
+            tuned_weights=_count_weights(tuner.model),
             plan=self.best_plan or SketchPlan(),
             trials=len(df),
             feasible=int(df.feasible.sum()) if len(df) else 0,
