@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
+
+from sketchtune.testing import PostgresUnavailable, postgres_cluster
 
 
 class MLP(nn.Module):
@@ -53,3 +58,20 @@ class TinyTransformer(nn.Module):
 def mlp() -> MLP:
     torch.manual_seed(0)
     return MLP()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, stopped at the end even on failure.
+
+    Skips with the reason when PostgreSQL is not installed, except under CI (``CI=true``),
+    whose ``.ci/run`` installs it, so the real-server tests cannot silently not run.
+    """
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'psycopg[binary]'")
+    try:
+        with postgres_cluster() as url:
+            yield url
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

@@ -7,9 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 SCRIPT = textwrap.dedent(
@@ -49,12 +51,31 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'crash.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    database = f"crash_{os.getpid()}"
+    _create_database(url, database)
+    return url.rsplit("/", 1)[0] + "/" + database
+
+
+def _create_database(url: str, name: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+
+
 def test_killed_trial_is_failed_by_heartbeat_and_retried_and_nothing_is_lost(
-    tmp_path: Path,
+    tmp_path: Path, storage: str
 ) -> None:
     script = tmp_path / "tune.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
-    storage = f"sqlite:///{tmp_path / 'crash.db'}"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
     first = subprocess.run(
@@ -85,3 +106,72 @@ def test_killed_trial_is_failed_by_heartbeat_and_retried_and_nothing_is_lost(
     assert all(
         t.state == TrialState.COMPLETE for t in trials if t.number in first_two
     )  # kept, not redone
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    from torch import nn
+    from sketchtune import Int, LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
+    sys.path.insert(0, {tests!r})
+    from conftest import MLP
+
+    storage, ready = sys.argv[1], Path(sys.argv[2])
+    torch.manual_seed(0)
+    model = MLP()
+    dense = dict(model.named_modules())
+    calls = 0
+
+    def accuracy(m):
+        global calls
+        calls += 1
+        if calls == 4:
+            ready.write_text("in trial 3")
+            time.sleep(60)  # SIGTERM arrives here
+        return 1.0
+
+    tuner = SKAutoTuner(
+        model,
+        TuningConfigs([LayerConfig(["fc2"], {{"num_terms": 1, "low_rank": Int(2, 32)}})]),
+        accuracy,
+        accuracy_threshold=0.5,
+        optimization_eval_func="flops",
+        verbose=True,
+        search_algorithm=OptunaSearch(n_trials=10, storage=storage, study_name="term", seed=0),
+    )
+    tuner.tune()
+    print("INTERRUPTED", tuner.interrupted)
+    print("RESTORED", dict(model.named_modules()) == dense)
+    """
+)
+
+
+def test_sigterm_during_a_trial_stops_cleanly_and_keeps_the_study(tmp_path: Path) -> None:
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_SCRIPT.format(tests=str(Path(__file__).parent)))
+    storage = f"sqlite:///{tmp_path / 'term.db'}"
+    ready = tmp_path / "ready"
+    process = subprocess.Popen(
+        [sys.executable, str(script), storage, str(ready)],
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    assert "INTERRUPTED True" in out and "RESTORED True" in out
+    assert (
+        "interrupted: the model is restored and 2 finished trial(s) are kept in 'sqlite:///" in out
+    )
+    assert "load_if_exists=True to resume" in out
+    study = optuna.load_study(study_name="term/fc2", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]

@@ -223,6 +223,23 @@ class OptunaSearch:
                 objective, n_trials=1, catch=catch, callbacks=callbacks, gc_after_trial=False
             )
 
+    def over_budget(self, trial: optuna.Trial) -> bool:
+        """Whether ``trial``, just asked, lies beyond the budget because other processes asked first.
+
+        The check before asking counts RUNNING trials, but two processes can still
+        ask at the same moment; the trial numbers settle who was first.
+        """
+        if self.n_trials is None or self.storage is None:
+            return False  # one process per in-memory study: nobody else asks
+        used = 0
+        for other in trial.study.get_trials(deepcopy=False):
+            if other.number < trial.number and (
+                counts_against_budget(other)
+                or other.state in (TrialState.RUNNING, TrialState.WAITING)
+            ):
+                used += 1
+        return used >= self.n_trials
+
     def _wait_for_running(self, study: optuna.Study, deadline: float | None) -> bool:
         """With the budget used up but trials still RUNNING elsewhere, wait for them to end.
 

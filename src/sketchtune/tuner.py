@@ -23,7 +23,10 @@ import json
 import logging
 import math
 import os
+import signal
+import socket
 import statistics
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -73,6 +76,9 @@ Strategy = Literal["separate", "joint", "global"]
 SpeedSpec = Callable[[nn.Module], Any] | Literal["flops"] | None
 
 _STUDY_DENSE = "sketchtune:dense_accuracy"
+_WORKER = (
+    f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial (several may share a study)
+)
 _ENABLED = "enabled"  # per-layer switch of the global strategy (False: the layer stays dense)
 _RESULTS_TYPE = "sketchtune.TuningResults"
 _RESULTS_VERSION = 1
@@ -80,6 +86,10 @@ _RESULTS_VERSION = 1
 
 class _TrialFailed(Exception):
     """A trial failed for a recorded reason (non-finite metric, ...); the study continues."""
+
+
+class _OverBudget(Exception):
+    """Another worker took the last slot of the budget first; this trial is not run."""
 
 
 @dataclass
@@ -612,6 +622,11 @@ class SKAutoTuner:
 
     def _objective(self, run: _StudyPlan) -> Callable[[optuna.Trial], float]:
         def objective(trial: optuna.Trial) -> float:
+            if self.search_algorithm.over_budget(trial):
+                trial.set_user_attr(
+                    ATTR, {"skipped": "the study's budget was used up by other workers"}
+                )
+                raise _OverBudget
             plan = self._suggest(run, trial)
             twin = _finished_twin(trial, self.search_algorithm.snapshot)
             if twin is not None:
@@ -619,7 +634,7 @@ class SKAutoTuner:
                 _set_constraint(trial, _constraint_of(twin))
                 assert twin.value is not None
                 return twin.value
-            info: dict[str, Any] = {"plan": plan.to_dict()["layers"]}
+            info: dict[str, Any] = {"plan": plan.to_dict()["layers"], "worker": _WORKER}
             if not plan and self.dense_accuracy is not None:
                 # every layer left dense: that is the baseline, already measured
                 outcome = _Outcome(
@@ -660,6 +675,8 @@ class SKAutoTuner:
         self, run: _StudyPlan, callbacks: Sequence[Callable[[TrialRecord], None]] = ()
     ) -> Callable[[optuna.Study, FrozenTrial], None]:
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+            if "skipped" in trial_info(trial):
+                return
             record = self._remember(run, trial)
             for callback in callbacks:
                 callback(record)
@@ -711,7 +728,7 @@ class SKAutoTuner:
         search.studies = {}
         deadline = None if search.timeout is None else time.monotonic() + search.timeout
         try:
-            with _quiet_optuna():
+            with _quiet_optuna(), _sigterm_as_interrupt():
                 for run in self._studies:
                     run.study = search.open_study(run.key)
                 try:
@@ -727,7 +744,7 @@ class SKAutoTuner:
                             run.study,
                             self._objective(run),
                             deadline=deadline,
-                            catch=(_TrialFailed,),
+                            catch=(_TrialFailed, _OverBudget),
                             after_trial=self._report(run, callbacks),
                         )
                 except KeyboardInterrupt:
@@ -823,8 +840,16 @@ class SKAutoTuner:
             return
         if len(self._studies) == 1 or len(bests) == 1:
             record = next(iter(bests.values()))
-            if not self.interrupted and self.evaluator.has_throughput and self.speed_model is None:
+            study = self._studies[0].study if len(self._studies) == 1 else None
+            agreed = _agreed_best(study) if study is not None else None
+            if agreed is not None:
+                record = agreed  # another worker already settled it for this study's trials
+            elif (
+                not self.interrupted and self.evaluator.has_throughput and self.speed_model is None
+            ):
                 record = self._confirm(record)
+            if study is not None and not self.interrupted:
+                record = _agree_on_best(study, record)
             self.best_plan = SketchPlan(record.plan)
             self.best_accuracy, self.best_speedup = record.accuracy, record.speedup
             self._say(f"best: {self.best_plan!r} ({_score_text(record)})")
@@ -989,7 +1014,8 @@ class SKAutoTuner:
                 for run in self._studies
                 if run.study is not None
                 for t in run.study.get_trials(deepcopy=False)
-                if t.state != TrialState.RUNNING and t.state != TrialState.WAITING
+                if t.state not in (TrialState.RUNNING, TrialState.WAITING)
+                and "skipped" not in trial_info(t)
             ]
         return self._records
 
@@ -1109,6 +1135,36 @@ def _warn_costly(
         )
 
 
+_STUDY_BEST = "sketchtune:best"
+
+
+def _agreed_best(study: optuna.Study) -> TrialRecord | None:
+    """The best plan a worker stored for the study's current set of finished trials, if any."""
+    stored = study.user_attrs.get(_STUDY_BEST)
+    finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
+    if not isinstance(stored, dict) or stored.get("finished") != finished:
+        return None
+    try:
+        return TrialRecord(**stored["record"])
+    except (KeyError, TypeError):
+        return None
+
+
+def _agree_on_best(study: optuna.Study, record: TrialRecord) -> TrialRecord:
+    """Store ``record`` as the study's best unless a worker stored one first; return the stored one.
+
+    Workers sharing a study finish together (they wait for each other's last
+    trials), and re-measuring the fastest plans is noisy; this makes every
+    worker report the same plan.
+    """
+    agreed = _agreed_best(study)
+    if agreed is not None:
+        return agreed
+    finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
+    study.set_user_attr(_STUDY_BEST, {"finished": finished, "record": _json_ready(asdict(record))})
+    return _agreed_best(study) or record
+
+
 def _fan_in(dense: nn.Module) -> int:
     weight = dense.weight
     assert isinstance(weight, torch.Tensor)
@@ -1218,12 +1274,33 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (a scheduler stopping the job, ``kill``) into Ctrl-C for the search's duration.
+
+    The search then ends the way Ctrl-C ends it: the running trial is failed,
+    the model is restored, finished trials stay in the study.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _DropOurFailures(logging.Filter):
     """Optuna logs every failed trial with a traceback; ours carry a recorded reason instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, _TrialFailed)
+        return not isinstance(exc, (_TrialFailed, _OverBudget))
 
 
 @contextmanager

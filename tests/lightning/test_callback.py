@@ -278,6 +278,12 @@ def test_sketched_module_trains_saves_and_reloads(trained: Classifier, tmp_path:
             r"`run_on` must be one of 'fit_end', 'validate'; got 'test'",
         ),
         ({"n_trials": 0}, ValueError, r"`n_trials` must be a positive int, got 0"),
+        (
+            {"accuracy_threshold": 95.0},
+            ValueError,
+            r"`accuracy_threshold`=95.0 is outside `metric_range`=\(0.0, 1.0\)",
+        ),
+        ({"output_dir": 3}, TypeError, r"`output_dir` must be a directory path or None, got 3"),
         ({"speed_batches": 0}, ValueError, r"`speed_batches` must be a positive int, got 0"),
         (
             {"finetune_steps": -1},
@@ -310,3 +316,17 @@ def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: st
 def test_a_pruner_without_finetuning_is_reported() -> None:
     with pytest.warns(UserWarning, match=r"`pruner` is only used with finetune_steps > 0"):
         callback(pruner=optuna.pruners.MedianPruner())
+
+
+class NanClassifier(Classifier):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", float("nan"))
+
+
+def test_a_nan_monitor_is_an_error_before_any_trial() -> None:
+    cb = callback(run_on="validate")
+    with pytest.raises(
+        ValueError, match=r"the dense model's accuracy is not finite .*val_acc.* returned nan"
+    ):
+        trainer(callbacks=[cb]).validate(NanClassifier(), DataModule(), verbose=False)
+    assert cb.study is None or len(cb.study.trials) == 0

@@ -163,6 +163,16 @@ class SketchTuneCallback(Callback):
         self.apply_best = bool(apply_best)
         self.seed = check_seed("seed", seed)
         self.metric_range = _check_range(metric_range)
+        if (
+            accuracy_threshold is not None
+            and self.metric_range is not None
+            and not self.metric_range[0] <= float(accuracy_threshold) <= self.metric_range[1]
+        ):
+            raise ValueError(
+                f"`accuracy_threshold`={accuracy_threshold!r} is outside `metric_range`="
+                f"{self.metric_range}: no model can reach it. Give a threshold within the metric's "
+                "range (accuracy is 0..1), or set metric_range=None for an unbounded metric."
+            )
         self.default_init = check_choice(
             "default_init", default_init, ("sketch", "svd", "activation")
         )
