@@ -330,3 +330,17 @@ def test_a_nan_monitor_is_an_error_before_any_trial() -> None:
     ):
         trainer(callbacks=[cb]).validate(NanClassifier(), DataModule(), verbose=False)
     assert cb.study is None or len(cb.study.trials) == 0
+
+
+def test_configs_are_checked_before_training_starts() -> None:
+    trained_batches = []
+
+    class Counting(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            trained_batches.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    cb = callback(configs=LayerConfig(["net.9"], SPACE))
+    with pytest.raises(ValueError, match=r"names 'net.9', which is not a layer of the model"):
+        trainer(callbacks=[cb]).fit(Counting(), DataModule())
+    assert trained_batches == []

@@ -81,9 +81,10 @@ class SketchTuneCallback(Callback):
         apply_best: swap the best plan into the model after the search.
         seed: seed of the default sampler and of the sketches' random matrices.
         default_init: how Linear/Conv2d sketches start when the space does not
-            search ``init``: ``"activation"`` (activation-aware SVD from input
-            statistics gathered once during the dense validation; the most
-            accurate at a given rank, see the README), ``"svd"`` or ``"sketch"``.
+            search ``init``: ``"svd"`` (truncated SVD; it won the end-to-end
+            benchmark in ``benchmarks/init_quality.py``, needs no extra pass),
+            ``"activation"`` (activation-aware SVD from input statistics gathered
+            once during the dense validation; lowest per-layer error) or ``"sketch"``.
         output_dir: where to write the run's ``results.csv``, ``plan.json``,
             ``summary.md``, ``pareto.png`` and ``history.png`` (``None``: write nothing;
             the dense-vs-tuned table is printed either way).
@@ -133,7 +134,7 @@ class SketchTuneCallback(Callback):
         apply_best: bool = True,
         seed: int | None = None,
         metric_range: tuple[float, float] | None = (0.0, 1.0),
-        default_init: Literal["sketch", "svd", "activation"] = "activation",
+        default_init: Literal["sketch", "svd", "activation"] = "svd",
         output_dir: str | None = None,
     ) -> None:
         self.configs = TuningConfigs.coerce(configs)
@@ -223,6 +224,18 @@ class SketchTuneCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        runs_here = (stage == TrainerFn.FITTING and self.run_on == "fit_end") or (
+            stage == TrainerFn.VALIDATING and self.run_on == "validate"
+        )
+        if runs_here and not self.applied_plan:
+            # Check the configs against this model now, not after hours of training.
+            SKAutoTuner(
+                pl_module,
+                self.configs,
+                lambda m: 0.0,
+                default_init=self.default_init,
+                strategy=self.strategy,
+            )
         if stage == TrainerFn.VALIDATING and self.run_on == "validate":
             # validate() ends by restoring the mode it found; our nested runs would change
             # what it found, so remember the modes from before it started.
