@@ -50,3 +50,9 @@ def test_tune_checkpoint(tmp_path: Path) -> None:
     accuracy = _load("tune_checkpoint").main(["--quick", "--out", str(tmp_path)])
     assert {"trained.ckpt", "tuned.ckpt"} <= _outputs(tmp_path)
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_long_sequence_transformer(tmp_path: Path) -> None:
+    tuner = _load("long_sequence_transformer").main(["--quick", "--out", str(tmp_path)])
+    assert tuner.results is not None and len(tuner.results) == 3
+    assert "results.csv" in _outputs(tmp_path)
