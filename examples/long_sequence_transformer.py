@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> SketchTuneCallback:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--out", default="runs/long_sequence")
     parser.add_argument(
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> SketchTuneCallback:
         deterministic=True,
         **limits,  # type: ignore[arg-type]
     )
-    data = MajorityDataModule(length=128 if quick else args.length, train_size=1536)
+    data = MajorityDataModule(length=128 if quick else args.length, train_size=2048)
     trainer.fit(TransformerClassifier(), data)
     return tuner
 

@@ -732,7 +732,7 @@ def test_verbose_prints_one_line_per_trial(mlp: MLP, capsys: pytest.CaptureFixtu
 def test_model_tree_marks_sketched_layers(mlp: MLP, capsys: pytest.CaptureFixture[str]) -> None:
     tuner = SKAutoTuner(
         mlp,
-        configs(names=("fc2",)),
+        configs({"num_terms": 1, "low_rank": 4}, names=("fc2",)),
         by_count(0.0),
         accuracy_threshold=0.5,
         optimization_eval_func="flops",
@@ -824,3 +824,26 @@ def test_a_plan_with_activation_init_applied_without_statistics_warns_and_uses_s
     ):
         model = apply_plan(MLP(), plan)
     assert model.fc2.init == "svd"
+
+
+def test_the_default_sampler_starts_from_the_most_accurate_plan(mlp: MLP) -> None:
+    tuner = SKAutoTuner(
+        mlp,
+        configs({"num_terms": [1, 2], "low_rank": Int(2, 8), "init": ["svd", "activation"]}),
+        agreement(mlp),
+        strategy="global",
+        search_algorithm=OptunaSearch(n_trials=2, seed=0),
+    )
+    tuner.tune()
+    study = tuner.search_algorithm.study
+    assert study is not None
+    assert study.trials[0].params == {
+        "fc1.enabled": True,
+        "fc1.num_terms": 2,
+        "fc1.low_rank": 8,
+        "fc1.init": "activation",
+        "fc2.enabled": True,
+        "fc2.num_terms": 2,
+        "fc2.low_rank": 8,
+        "fc2.init": "activation",
+    }

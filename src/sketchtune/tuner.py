@@ -424,6 +424,18 @@ class SKAutoTuner:
             }
         return self._plan_from(run.groups, values)
 
+    def _safest(self, run: _StudyPlan) -> dict[str, Any]:
+        """Parameters of the most accurate plan in ``run``'s space: every layer on, largest ranks."""
+        params: dict[str, Any] = {}
+        optional = run.prefixed and len(run.groups) > 1
+        for group in run.groups:
+            prefix = f"{group.key}." if run.prefixed else ""
+            if optional:
+                params[f"{prefix}{_ENABLED}"] = True
+            for name, spec in group.space.items():
+                params[prefix + name] = _most_accurate(spec)
+        return params
+
     # ------------------------------------------------------------------ building and evaluating
 
     def _build(self, plan: SketchPlan) -> dict[str, nn.Module]:
@@ -733,6 +745,12 @@ class SKAutoTuner:
                     run.study = search.open_study(run.key)
                 try:
                     self._baseline()
+                    for run in self._studies:
+                        assert run.study is not None
+                        if search._default_sampler and not run.study.get_trials(deepcopy=False):
+                            # warm start: the most accurate plan first, so the sampler learns
+                            # early where the floor lies (its speed is then the one to beat)
+                            run.study.enqueue_trial(self._safest(run))
                     for run in self._studies:
                         assert run.study is not None
                         search.study = run.study  # the study being tuned, as in the seed
@@ -1133,6 +1151,24 @@ def _warn_costly(
             UserWarning,
             stacklevel=5,
         )
+
+
+_ACCURACY_ORDER = ("activation", "svd", "softmax", "relu", "sketch")
+
+
+def _most_accurate(spec: ParamSpec) -> Any:
+    """The value of ``spec`` that loses the least accuracy: the largest rank, the best init/kernel."""
+    if isinstance(spec, Categorical):
+        choices = spec.choices
+        for preferred in _ACCURACY_ORDER:
+            if preferred in choices:
+                return preferred
+        numbers = [c for c in choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        return max(numbers) if numbers else choices[0]
+    try:
+        return spec.grid()[-1]
+    except ValueError:
+        return getattr(spec, "high", spec.first())
 
 
 _STUDY_BEST = "sketchtune:best"
