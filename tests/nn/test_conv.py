@@ -143,3 +143,33 @@ def test_from_dense_rejects_unsupported_convolutions() -> None:
         SKConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=4), num_terms=1, low_rank=1)
     with pytest.raises(TypeError, match=r"`conv` must be an nn\.Conv2d, got Linear"):
         SKConv2d.from_dense(nn.Linear(3, 3), num_terms=1, low_rank=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_blocked_inference_path_matches_the_whole_batch_path(geometry: dict[str, object]) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, **geometry)  # type: ignore[arg-type]
+    for bias in (True, False):
+        layer = (
+            SKConv2d.from_dense(conv, num_terms=1, low_rank=4, seed=0)
+            if bias
+            else SKConv2d(
+                16,
+                24,
+                conv.kernel_size,
+                1,
+                4,
+                stride=conv.stride,
+                padding=conv.padding,  # type: ignore[arg-type]
+                dilation=conv.dilation,
+                bias=False,
+                seed=0,  # type: ignore[arg-type]
+            )
+        )
+        x = torch.randn(40, 16, 30, 30)  # 8 channels x 900 pixels: blocks of 36 images
+        with torch.no_grad():
+            blocked = layer(x)
+        assert blocked.shape == conv(x).shape
+        torch.testing.assert_close(
+            blocked, layer(x).detach(), rtol=1e-5, atol=1e-5
+        )  # grad mode: whole batch
