@@ -344,7 +344,8 @@ _BLOCK_BYTES = 1 << 20  # size of the intermediate per block of images (see _for
 
 def _tracks_graph(tensor: torch.Tensor) -> bool:
     """Whether autograd, tracing or compilation needs the plain whole-batch path."""
-    return tensor.requires_grad or torch.jit.is_tracing() or torch.compiler.is_compiling()
+    tracing = bool(torch.jit.is_tracing())  # type: ignore[attr-defined]
+    return tensor.requires_grad or tracing or torch.compiler.is_compiling()
 
 
 def _pair(name: str, value: object, *, minimum: int) -> tuple[int, int]:
