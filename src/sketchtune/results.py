@@ -5,27 +5,90 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from optuna.trial import TrialState
 from torch import nn
 
 from sketchtune.plan import SketchPlan
 from sketchtune.registry import kind_of, sketch_of
+from sketchtune.search import trial_info
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from sketchtune.tuner import TrialRecord
+    from optuna.trial import FrozenTrial
 
 __all__ = [
     "RunSummary",
+    "TrialRecord",
+    "json_ready",
+    "record_from_trial",
     "format_model_tree",
     "plot_history",
     "plot_pareto",
     "records_dataframe",
     "write_report",
 ]
+
+
+@dataclass
+class TrialRecord:
+    """One row of the results table: a trial as sketchtune recorded it."""
+
+    layer_name: str
+    params: dict[str, Any]
+    accuracy: float | None
+    speed: float | None
+    speedup: float | None
+    score: float
+    feasible: bool
+    trial: int
+    state: str
+    duration: float | None
+    reason: str | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    flops_speedup: float | None = None
+
+
+def record_from_trial(label: str, trial: FrozenTrial) -> TrialRecord:
+    """The results-table row of an Optuna trial that sketchtune ran (``label``: its study)."""
+    info = trial_info(trial)
+    feasible = bool(info.get("feasible", False)) and trial.state == TrialState.COMPLETE
+    accuracy = info.get("accuracy")
+    speedup = info.get("speedup")
+    if not feasible:
+        score = -math.inf
+    else:
+        score = float(speedup) if speedup is not None else float(accuracy or 0.0)
+    duration = trial.duration.total_seconds() if trial.duration is not None else None
+    return TrialRecord(
+        layer_name=label,
+        params=dict(trial.params),
+        accuracy=accuracy,
+        speed=info.get("speed"),
+        speedup=speedup,
+        score=score,
+        feasible=feasible,
+        trial=trial.number,
+        state=trial.state.name,
+        duration=duration,
+        reason=info.get("reason"),
+        plan=dict(info.get("plan") or {}),
+        flops_speedup=info.get("flops_speedup"),
+    )
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with infinities as strings, so ``json.dump`` writes standard JSON."""
+    if isinstance(value, float) and math.isinf(value):
+        return "-inf" if value < 0 else "inf"
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return value
+
 
 _FIXED_COLUMNS = [
     "accuracy",

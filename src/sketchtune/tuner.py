@@ -32,7 +32,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
 
 import optuna
@@ -58,6 +58,7 @@ from sketchtune.measure import ShapeRecorder, layer_macs
 from sketchtune.nn._init import INITS, InputCovariance, LowRankFactors
 from sketchtune.plan import LayerPlan, SketchPlan, Swap, apply_plan, build_replacements
 from sketchtune.registry import BuildAids, SketchKind, kind_named
+from sketchtune.results import TrialRecord, json_ready, record_from_trial
 from sketchtune.search import (
     ATTR,
     OptunaSearch,
@@ -68,7 +69,7 @@ from sketchtune.search import (
 from sketchtune.select import select_layers, sketchable_layers
 from sketchtune.space import Categorical, ParamSpec
 
-__all__ = ["SKAutoTuner", "TrialRecord"]
+__all__ = ["SKAutoTuner"]
 
 log = logging.getLogger("sketchtune")
 
@@ -115,25 +116,6 @@ class _StudyPlan:
     @property
     def label(self) -> str:
         return self.key or "global"
-
-
-@dataclass
-class TrialRecord:
-    """One row of the results table."""
-
-    layer_name: str
-    params: dict[str, Any]
-    accuracy: float | None
-    speed: float | None
-    speedup: float | None
-    score: float
-    feasible: bool
-    trial: int
-    state: str
-    duration: float | None
-    reason: str | None = None
-    plan: dict[str, Any] = field(default_factory=dict)
-    flops_speedup: float | None = None
 
 
 @dataclass
@@ -775,7 +757,7 @@ class SKAutoTuner:
 
     def _remember(self, run: _StudyPlan, trial: FrozenTrial) -> TrialRecord:
         """Keep ``trial`` as its study's best if it is feasible and beats the best so far."""
-        record = _record(run.label, trial)
+        record = record_from_trial(run.label, trial)
         best = self._best_by_study.get(run.label)
         # A sketch that is not faster than the dense layer is never worth adopting.
         useful = record.feasible and (record.speedup is None or record.speedup > 1.0)
@@ -1028,7 +1010,7 @@ class SKAutoTuner:
         """Every trial of every study (including resumed ones), as rows of the results table."""
         if self._records is None:
             self._records = [
-                _record(run.label, t)
+                record_from_trial(run.label, t)
                 for run in self._studies
                 if run.study is not None
                 for t in run.study.get_trials(deepcopy=False)
@@ -1062,7 +1044,7 @@ class SKAutoTuner:
             "strategy": self.strategy,
             "dense_accuracy": self.dense_accuracy,
             "floor": {"value": self.floor.value, "mode": self.floor.mode},
-            "records": [_json_ready(asdict(r)) for r in self.records],
+            "records": [json_ready(asdict(r)) for r in self.records],
             "best_plan": None if self.best_plan is None else self.best_plan.to_dict(),
             "combination_log": self.combination_log,
         }
@@ -1197,7 +1179,7 @@ def _agree_on_best(study: optuna.Study, record: TrialRecord) -> TrialRecord:
     if agreed is not None:
         return agreed
     finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
-    study.set_user_attr(_STUDY_BEST, {"finished": finished, "record": _json_ready(asdict(record))})
+    study.set_user_attr(_STUDY_BEST, {"finished": finished, "record": json_ready(asdict(record))})
     return _agreed_best(study) or record
 
 
@@ -1260,33 +1242,6 @@ def _finished_twin(trial: optuna.Trial, trials: Sequence[FrozenTrial]) -> Frozen
     return None
 
 
-def _record(label: str, trial: FrozenTrial) -> TrialRecord:
-    info = trial_info(trial)
-    feasible = bool(info.get("feasible", False)) and trial.state == TrialState.COMPLETE
-    accuracy = info.get("accuracy")
-    speedup = info.get("speedup")
-    if not feasible:
-        score = -math.inf
-    else:
-        score = float(speedup) if speedup is not None else float(accuracy or 0.0)
-    duration = trial.duration.total_seconds() if trial.duration is not None else None
-    return TrialRecord(
-        layer_name=label,
-        params=dict(trial.params),
-        accuracy=accuracy,
-        speed=info.get("speed"),
-        speedup=speedup,
-        score=score,
-        feasible=feasible,
-        trial=trial.number,
-        state=trial.state.name,
-        duration=duration,
-        reason=info.get("reason"),
-        plan=dict(info.get("plan") or {}),
-        flops_speedup=info.get("flops_speedup"),
-    )
-
-
 def _union(records: Iterator[TrialRecord] | Any) -> SketchPlan:
     layers: dict[str, Any] = {}
     for record in records:
@@ -1298,16 +1253,6 @@ def _score_text(record: TrialRecord) -> str:
     if record.speedup is not None:
         return f"speedup {record.speedup:.2f}x at accuracy {record.accuracy:.4f}"
     return f"accuracy {record.accuracy:.4f}"
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, float) and math.isinf(value):
-        return "-inf" if value < 0 else "inf"
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 @contextmanager

@@ -27,9 +27,9 @@ from sketchtune._validation import check_choice, check_float, check_int, check_s
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.lightning._evaluator import LightningEvaluator
 from sketchtune.plan import SketchPlan, Swap
-from sketchtune.results import RunSummary, write_report
+from sketchtune.results import RunSummary, TrialRecord, write_report
 from sketchtune.search import OptunaSearch, redact
-from sketchtune.tuner import SKAutoTuner, TrialRecord
+from sketchtune.tuner import SKAutoTuner
 
 if TYPE_CHECKING:
     import pandas as pd
