@@ -194,9 +194,14 @@ def plot_pareto(
     *,
     floor: float | None = None,
     dense_accuracy: float | None = None,
+    chosen: SketchPlan | None = None,
     title: str = "Accuracy vs speedup",
 ) -> None:
-    """Scatter every measured trial (accuracy vs speedup), feasible ones highlighted, floor drawn."""
+    """Scatter every measured trial (accuracy vs speedup), feasible ones highlighted, floor drawn.
+
+    ``chosen`` circles the trial(s) of the plan that was kept (by default the
+    fastest feasible trial); its speedup is as measured in that trial.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     done = [r for r in records if r.accuracy is not None and r.state == "COMPLETE"]
@@ -228,15 +233,19 @@ def plot_pareto(
             alpha=0.5,
             drawstyle="steps-post",
         )
-        best = max(feasible, key=lambda r: r.speedup or 0.0)
-        ax.scatter(
-            [best.speedup],
-            [best.accuracy],
-            s=160,
-            facecolors="none",
-            edgecolors="#d62728",
-            label=f"best {best.speedup:.2f}x",
-        )
+        if chosen is None:
+            kept = [max(feasible, key=lambda r: r.speedup or 0.0)]
+        else:
+            kept = [r for r in feasible if SketchPlan(r.plan) == chosen]
+        if kept:
+            ax.scatter(
+                [r.speedup for r in kept],
+                [r.accuracy for r in kept],
+                s=160,
+                facecolors="none",
+                edgecolors="#d62728",
+                label=f"kept plan ({kept[0].speedup:.2f}x in its trial)",
+            )
     if floor is not None:
         ax.axhline(floor, color="#d62728", linestyle="--", linewidth=1, label=f"floor {floor:.4g}")
     if dense_accuracy is not None:
@@ -372,6 +381,12 @@ def write_report(
         return paths
     paths["pareto.png"] = os.path.join(os.fspath(out_dir), "pareto.png")
     paths["history.png"] = os.path.join(os.fspath(out_dir), "history.png")
-    plot_pareto(records, paths["pareto.png"], floor=floor, dense_accuracy=summary.dense_accuracy)
+    plot_pareto(
+        records,
+        paths["pareto.png"],
+        floor=floor,
+        dense_accuracy=summary.dense_accuracy,
+        chosen=summary.plan,
+    )
     plot_history(records, paths["history.png"])
     return paths
