@@ -166,8 +166,6 @@ class Evaluator(ABC):
 
     #: whether ``throughput`` is implemented
     has_throughput: bool = False
-    #: whether an evaluation changes the weights of the sketched layers (fine-tuning)
-    trains: bool = False
 
     def announce(self, command: Command) -> None:  # noqa: B027 - an optional hook
         """Called by the coordinating process before each evaluation (no-op by default)."""

@@ -110,7 +110,7 @@ class OptunaSearch:
             None if grace_period is None else check_int("grace_period", grace_period, minimum=1)
         )
         self.max_retry = check_int("max_retry", max_retry, minimum=0)
-        self._default_sampler = sampler is None
+        self.uses_default_sampler = sampler is None
         self.sampler = sampler if sampler is not None else default_sampler(seed, self.n_trials)
         self.pruner = pruner
         self.direction = direction
@@ -170,7 +170,7 @@ class OptunaSearch:
                 f"study {name!r} already exists in storage {redact(self.storage)!r}; pass "
                 "load_if_exists=True to resume it, or choose another study_name."
             ) from None
-        if self._default_sampler and self.seed is not None:
+        if self.uses_default_sampler and self.seed is not None:
             # A resumed study with a re-seeded sampler would replay the first run's
             # suggestions; continue the seeded sequence from where the study stands instead.
             done = len(study.get_trials(deepcopy=False))

@@ -420,7 +420,7 @@ class SKAutoTuner:
 
     # ------------------------------------------------------------------ building and evaluating
 
-    def _build(self, plan: SketchPlan) -> dict[str, nn.Module]:
+    def build(self, plan: SketchPlan) -> dict[str, nn.Module]:
         """Sketched modules for ``plan``, reused from earlier trials when untouched since."""
         built: dict[str, nn.Module] = {}
         for name, layer in plan.items():
@@ -553,7 +553,7 @@ class SKAutoTuner:
     def _run_evaluation(
         self, plan: SketchPlan, trial: optuna.Trial | RemoteTrial | None, *, measure_speed: bool
     ) -> _Outcome:
-        modules = self._build(plan)
+        modules = self.build(plan)
         early_stop = False
         calibrating = not plan and bool(self._calibrate) and not self._calibrated
         with Swap(self.model, modules) as swap:
@@ -729,7 +729,7 @@ class SKAutoTuner:
                     self._baseline()
                     for run in self._studies:
                         assert run.study is not None
-                        if search._default_sampler and not run.study.get_trials(deepcopy=False):
+                        if search.uses_default_sampler and not run.study.get_trials(deepcopy=False):
                             # warm start: the most accurate plan first, so the sampler learns
                             # early where the floor lies (its speed is then the one to beat)
                             run.study.enqueue_trial(self._safest(run))
@@ -996,7 +996,7 @@ class SKAutoTuner:
         factorizations gathered during the search, so ``init="activation"``
         layers are the ones that were measured.
         """
-        Swap(self.model, build_replacements(self.model, plan, build=self._build)).apply()
+        Swap(self.model, build_replacements(self.model, plan, build=self.build)).apply()
         return self.model
 
     def replace_without_tuning(self) -> nn.Module:

@@ -122,7 +122,6 @@ class LightningEvaluator(Evaluator):
         self.speed_batches = speed_batches
         self.warmup_batches = warmup_batches
         self.finetune_steps = finetune_steps
-        self.trains = finetune_steps > 0
         self.early_stop = _EarlyStop(monitor, metric_range)
         self._batches: list[Any] | None = None
         self._samples = 0

@@ -378,7 +378,7 @@ class SketchTuneCallback(Callback):
         if self.speed != "measure" or not plan:
             return None, None
         dense, tuned = [], []
-        swap = Swap(tuner.model, tuner._build(plan))
+        swap = Swap(tuner.model, tuner.build(plan))
         try:
             for _ in range(rounds):
                 dense.append(evaluator.throughput(tuner.model))
