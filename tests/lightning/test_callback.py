@@ -344,3 +344,16 @@ def test_configs_are_checked_before_training_starts() -> None:
     with pytest.raises(ValueError, match=r"names 'net.9', which is not a layer of the model"):
         trainer(callbacks=[cb]).fit(Counting(), DataModule())
     assert trained_batches == []
+
+
+def test_tensorboard_logger_gets_the_trials(trained: Classifier, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    cb = callback(run_on="validate")
+    trainer(callbacks=[cb], logger=logger).validate(trained, DataModule(), verbose=False)
+    log_dir = Path(logger.log_dir)
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    assert (log_dir / "sketchtune_plan.json").exists()
+    assert (log_dir / "sketchtune_trials.csv").read_text().count("\n") == 4  # header + 3 trials
