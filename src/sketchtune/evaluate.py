@@ -57,10 +57,6 @@ class AccuracyFloor:
     def feasible(self, metric: float) -> bool:
         return self.violation(metric) <= 0.0
 
-    def better(self, a: float, b: float) -> bool:
-        """Whether metric ``a`` is strictly better than ``b``."""
-        return a > b if self.mode == "max" else a < b
-
     def describe(self) -> str:
         if self.value is None:
             return "no accuracy floor"

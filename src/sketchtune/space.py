@@ -47,13 +47,6 @@ class ParamSpec(ABC):
     def to_dict(self) -> dict[str, Any]:
         """A plain-dict form (``{"type": "Int", ...}``) that :func:`as_spec` reads back."""
 
-    def is_finite(self) -> bool:
-        try:
-            self.grid()
-        except ValueError:
-            return False
-        return True
-
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.to_dict() == self.to_dict()
 
