@@ -830,6 +830,12 @@ class SKAutoTuner:
 
     def _finish(self) -> None:
         """Pick the best plan: the global winner, or the validated combination of per-study winners."""
+        # Other workers may have finished trials of the same studies: judge all of them.
+        for run in self._studies:
+            if run.study is not None:
+                for trial in run.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                    if "skipped" not in trial_info(trial):
+                        self._remember(run, trial)
         bests = dict(self._best_by_study)
         self.best_accuracy = self.best_speedup = None
         if not bests:
