@@ -113,3 +113,22 @@ def check_seed(name: str, value: Any) -> int | None:
     if value is None:
         return None
     return check_int(name, value, minimum=0, maximum=2**63 - 1)
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside the sketchtune package.
+
+    A fixed ``stacklevel`` breaks whenever the call chain inside the package
+    changes; this walks the stack instead, so the warning names the user's file.
+    """
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level = 1
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

@@ -78,10 +78,7 @@ class AccuracyFloor:
         baseline (``"1%"``).
         """
         check_choice("mode", mode, ("max", "min"))
-        if threshold is not None and max_drop is not None:
-            raise ValueError(
-                f"give `accuracy_threshold` or `max_accuracy_drop`, not both (got {threshold!r} and {max_drop!r})."
-            )
+        check_floor_args(threshold, max_drop)
         if threshold is not None:
             return cls(check_float("accuracy_threshold", threshold), mode)
         if max_drop is None:
@@ -93,6 +90,23 @@ class AccuracyFloor:
         drop = parse_drop(max_drop)
         amount = drop[0] * abs(baseline) if drop[1] else drop[0]
         return cls(baseline - amount if mode == "max" else baseline + amount, mode)
+
+
+def check_floor_args(threshold: float | None, max_drop: float | str | None) -> None:
+    """Check ``accuracy_threshold`` / ``max_accuracy_drop`` as given, before any work.
+
+    At most one may be set; a threshold must be a finite number and a drop a
+    non-negative number or a ``"N%"`` string.
+    """
+    if threshold is not None and max_drop is not None:
+        raise ValueError(
+            "give `accuracy_threshold` or `max_accuracy_drop`, not both "
+            f"(got {threshold!r} and {max_drop!r})."
+        )
+    if threshold is not None:
+        check_float("accuracy_threshold", threshold)
+    if max_drop is not None:
+        parse_drop(max_drop)
 
 
 def parse_drop(value: float | str) -> tuple[float, bool]:

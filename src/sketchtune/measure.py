@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from sketchtune.select import sketchable_layers
 
 __all__ = [
     "ShapeRecorder",
+    "interleaved_rates",
     "estimate_speedup",
     "measure_throughput",
     "synchronize",
@@ -77,6 +78,46 @@ def time_interleaved(
             synchronize(device)
             times[i].append(time.perf_counter() - start)
     return times
+
+
+class Toggle(Protocol):
+    """Something that swaps a model between two states (a :class:`~sketchtune.plan.Swap`)."""
+
+    applied: bool
+
+    def apply(self) -> None: ...
+
+    def restore(self) -> None: ...
+
+
+def interleaved_rates(
+    rate: Callable[[], float], swap: Toggle, *, rounds: int
+) -> tuple[list[float], list[float]]:
+    """``rate()`` of the dense and of the swapped-in model, alternating, ``rounds`` times each.
+
+    Each round measures the dense model first, then the swapped one, so a slow
+    phase of the machine hits both alike. ``swap`` is left as it was found,
+    even on errors.
+
+    Returns:
+        ``(dense_rates, swapped_rates)``, one entry per round.
+    """
+    rounds = check_int("rounds", rounds, minimum=1)
+    was_applied = swap.applied
+    dense: list[float] = []
+    swapped: list[float] = []
+    try:
+        for _ in range(rounds):
+            swap.restore()
+            dense.append(rate())
+            swap.apply()
+            swapped.append(rate())
+    finally:
+        if was_applied and not swap.applied:
+            swap.apply()
+        elif not was_applied and swap.applied:
+            swap.restore()
+    return dense, swapped
 
 
 def measure_throughput(

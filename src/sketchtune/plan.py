@@ -297,9 +297,19 @@ def apply_plan(
     Returns:
         ``model`` itself, with the sketched layers in place.
     """
-    if isinstance(plan, (str, os.PathLike)):
-        plan = SketchPlan.load(plan)
-    elif not isinstance(plan, SketchPlan):
-        plan = SketchPlan.from_dict(plan) if "_type" in plan else SketchPlan(plan)
-    Swap(model, build_replacements(model, plan)).apply()
+    Swap(model, build_replacements(model, as_plan(plan))).apply()
     return model
+
+
+def as_plan(plan: SketchPlan | Mapping[str, Any] | str | os.PathLike[str]) -> SketchPlan:
+    """A :class:`SketchPlan` from a plan, its ``to_dict()`` form, a ``{name: layer}`` mapping or a JSON path."""
+    if isinstance(plan, SketchPlan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return SketchPlan.load(plan)
+    if not isinstance(plan, Mapping):
+        raise TypeError(
+            "`plan` must be a SketchPlan, its to_dict() form or a path to its JSON file, "
+            f"got {type(plan).__name__}."
+        )
+    return SketchPlan.from_dict(plan) if "_type" in plan else SketchPlan(plan)
