@@ -21,8 +21,14 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from sketchtune.nn import RandMultiHeadAttention, SKConv2d, SKLinear
-from sketchtune.nn._init import INITS, InputCovariance, LowRankFactors
+from sketchtune.nn import (
+    INITS,
+    InputCovariance,
+    LowRankFactors,
+    RandMultiHeadAttention,
+    SKConv2d,
+    SKLinear,
+)
 from sketchtune.space import Categorical, Float, Int, ParamSpec
 
 __all__ = [

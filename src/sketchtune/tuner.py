@@ -55,7 +55,7 @@ from sketchtune.evaluate import (
     parse_drop,
 )
 from sketchtune.measure import ShapeRecorder, layer_macs
-from sketchtune.nn._init import INITS, InputCovariance, LowRankFactors
+from sketchtune.nn import INITS, InputCovariance, LowRankFactors
 from sketchtune.plan import LayerPlan, SketchPlan, Swap, apply_plan, build_replacements
 from sketchtune.registry import BuildAids, SketchKind, kind_named
 from sketchtune.results import TrialRecord, json_ready, record_from_trial

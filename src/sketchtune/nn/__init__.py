@@ -8,9 +8,16 @@
 
 from __future__ import annotations
 
-from sketchtune.nn._init import InputCovariance, LowRankFactors
+from sketchtune.nn._init import INITS, InputCovariance, LowRankFactors
 from sketchtune.nn.attention import RandMultiHeadAttention
 from sketchtune.nn.conv import SKConv2d
 from sketchtune.nn.linear import SKLinear
 
-__all__ = ["InputCovariance", "LowRankFactors", "RandMultiHeadAttention", "SKConv2d", "SKLinear"]
+__all__ = [
+    "INITS",
+    "InputCovariance",
+    "LowRankFactors",
+    "RandMultiHeadAttention",
+    "SKConv2d",
+    "SKLinear",
+]
