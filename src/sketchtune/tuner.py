@@ -69,7 +69,7 @@ from sketchtune.search import (
 from sketchtune.select import select_layers, sketchable_layers
 from sketchtune.space import Categorical, ParamSpec
 
-__all__ = ["SKAutoTuner"]
+__all__ = ["SKAutoTuner", "check_configs"]
 
 log = logging.getLogger("sketchtune")
 
@@ -309,6 +309,11 @@ class SKAutoTuner:
         self.confirmation_log: list[dict[str, Any]] = []
         self._records: list[TrialRecord] | None = None
         self._best_by_study: dict[str, TrialRecord] = {}
+
+    @property
+    def study_labels(self) -> list[str]:
+        """One label per Optuna study the search runs (a layer, a joint group, or ``"global"``)."""
+        return [run.label for run in self._studies]
 
     # ------------------------------------------------------------------ configuration
 
@@ -1097,6 +1102,26 @@ class SKAutoTuner:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def check_configs(
+    model: nn.Module,
+    configs: TuningConfigs | LayerConfig | Sequence[LayerConfig],
+    *,
+    strategy: Strategy | None = None,
+    default_init: str = "sketch",
+) -> list[str]:
+    """Check ``configs`` against ``model`` as :class:`SKAutoTuner` would, before any work.
+
+    Raises the same errors the tuner's constructor raises (no layer matched,
+    values a layer cannot take, ...). Nothing is built or evaluated.
+
+    Returns:
+        The label of each study the search would run.
+    """
+    return SKAutoTuner(
+        model, configs, lambda m: 0.0, strategy=strategy, default_init=default_init
+    ).study_labels
 
 
 def _joint_auto_space(
