@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from sketchtune.nn._init import INITS, InputCovariance, LowRankFactors
+from sketchtune.nn._lowrank import INITS, InputCovariance, LowRankFactors
 from sketchtune.nn.attention import RandMultiHeadAttention
 from sketchtune.nn.conv import SKConv2d
 from sketchtune.nn.linear import SKLinear

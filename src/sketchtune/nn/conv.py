@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sketchtune._validation import check_bool, check_int
-from sketchtune.nn import _init, _sketch
-from sketchtune.nn._init import InputCovariance, LowRankFactors
+from sketchtune.nn import _lowrank, _sketch
+from sketchtune.nn._lowrank import InputCovariance, LowRankFactors
 
 __all__ = ["SKConv2d"]
 
@@ -135,7 +135,9 @@ class SKConv2d(nn.Module):
                 images, self.kernel_size, self.stride, self.padding, self.dilation
             )
         weight_t = None if W_init is None else W_init.reshape(self.out_channels, d_in).t()
-        placed = _init.prepare(init, weight_t, 2 * rank, calibration=calibration, factors=factors)
+        placed = _lowrank.factors_to_place(
+            init, weight_t, 2 * rank, calibration=calibration, factors=factors
+        )
         self.init = init
 
         gen = _sketch.generator(self.seed)
@@ -147,7 +149,7 @@ class SKConv2d(nn.Module):
             u2 = _sketch.sign_matrix(rank, d_in, self.low_rank, gen, dtype=dtype, device=device)
         else:
             # linear layout (S1 | U2) is d_in x r, (U1; S2) is r x C_out; the conv stores them transposed
-            s1_lin, u2_lin, u1_lin, s2_lin = _init.split_factors(
+            s1_lin, u2_lin, u1_lin, s2_lin = _lowrank.split_factors(
                 placed,
                 self.num_terms,
                 self.low_rank,

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from sketchtune._validation import check_bool, check_int
-from sketchtune.nn import _init, _sketch
-from sketchtune.nn._init import InputCovariance, LowRankFactors
+from sketchtune.nn import _lowrank, _sketch
+from sketchtune.nn._lowrank import InputCovariance, LowRankFactors
 
 __all__ = ["SKLinear"]
 
@@ -106,7 +106,7 @@ class SKLinear(nn.Module):
         self.seed = _sketch.resolve_seed(seed)
         self._scale = 1.0 / (2 * self.num_terms)
         rank = self.num_terms * self.low_rank
-        placed = _init.prepare(
+        placed = _lowrank.factors_to_place(
             init,
             None if W_init is None else W_init.t(),
             2 * rank,
@@ -127,7 +127,7 @@ class SKLinear(nn.Module):
         else:
             target_dtype = dtype or torch.get_default_dtype()
             target_device = torch.device(device) if device is not None else torch.device("cpu")
-            s1, u2, u1, s2 = _init.split_factors(
+            s1, u2, u1, s2 = _lowrank.split_factors(
                 placed, self.num_terms, self.low_rank, dtype=target_dtype, device=target_device
             )
         self.register_buffer("U1", u1)

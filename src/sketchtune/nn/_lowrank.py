@@ -232,7 +232,7 @@ def split_factors(
     )
 
 
-def prepare(
+def factors_to_place(
     init: str,
     weight_t: torch.Tensor | None,
     total_rank: int,
