@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sketchtune._validation import check_bool, check_int
-from sketchtune.nn import _lowrank, _sketch
+from sketchtune.nn import _sketch
 from sketchtune.nn._lowrank import InputCovariance, LowRankFactors
 
 __all__ = ["SKConv2d"]
@@ -134,51 +132,34 @@ class SKConv2d(nn.Module):
             calibration.update_conv(
                 images, self.kernel_size, self.stride, self.padding, self.dilation
             )
-        weight_t = None if W_init is None else W_init.reshape(self.out_channels, d_in).t()
-        placed = _lowrank.factors_to_place(
-            init, weight_t, 2 * rank, calibration=calibration, factors=factors
-        )
         self.init = init
-
         gen = _sketch.generator(self.seed)
-        kw_ = {"dtype": dtype, "device": device}
-        if placed is None:  # the seed's random-sign sketch
-            u1 = _sketch.sign_matrix(
-                self.out_channels, rank, self.low_rank, gen, dtype=dtype, device=device
-            )
-            u2 = _sketch.sign_matrix(rank, d_in, self.low_rank, gen, dtype=dtype, device=device)
-        else:
-            # linear layout (S1 | U2) is d_in x r, (U1; S2) is r x C_out; the conv stores them transposed
-            s1_lin, u2_lin, u1_lin, s2_lin = _lowrank.split_factors(
-                placed,
+        with torch.no_grad():
+            # The kernel is the linear map from a C_in*kh*kw patch to C_out channels; the
+            # first stage's r kernels are the rows of the transposed linear factors.
+            start = _sketch.initial_factors(
+                d_in,
+                self.out_channels,
                 self.num_terms,
                 self.low_rank,
-                dtype=dtype or torch.get_default_dtype(),
-                device=torch.device(device) if device is not None else torch.device("cpu"),
+                None if W_init is None else W_init.reshape(self.out_channels, d_in),
+                gen,
+                transposed=True,
+                init=init,
+                calibration=calibration,
+                factors=factors,
+                dtype=dtype,
+                device=device,
             )
-            u1, u2 = u1_lin.t().contiguous(), u2_lin.t().contiguous()
-        self.register_buffer("U1", u1)
-        self.register_buffer("U2", u2.view(rank, self.in_channels, kh, kw))
-        self.S1 = nn.Parameter(torch.empty(rank, self.in_channels, kh, kw, **kw_))  # type: ignore[arg-type]
-        self.S2 = nn.Parameter(torch.empty(self.out_channels, rank, **kw_))  # type: ignore[arg-type]
+        self.register_buffer("U1", start.U1)
+        self.register_buffer("U2", start.U2.view(rank, self.in_channels, kh, kw))
+        self.S1 = nn.Parameter(start.S1.view(rank, self.in_channels, kh, kw))
+        self.S2 = nn.Parameter(start.S2)
         self.bias = (
-            nn.Parameter(torch.empty(self.out_channels, **kw_))  # type: ignore[arg-type]
+            _sketch.initial_bias(self.out_channels, d_in, gen, dtype=dtype, device=device)
             if bias
             else None
         )
-
-        bound = 1.0 / math.sqrt(d_in)
-        if placed is not None:
-            with torch.no_grad():
-                self.S1.copy_(s1_lin.t().reshape(rank, self.in_channels, kh, kw))
-                self.S2.copy_(s2_lin.t())
-        else:
-            if W_init is None:
-                # nn.Conv2d's kaiming_uniform_(a=sqrt(5)) has bound 1/sqrt(fan_in), as does its bias.
-                W_init = _sketch.uniform_(torch.empty(kernel_shape), bound, gen)
-            self._load_sketch(W_init)
-        if self.bias is not None:
-            _sketch.uniform_(self.bias, bound, gen)
 
     @classmethod
     def from_dense(
@@ -229,28 +210,8 @@ class SKConv2d(nn.Module):
             calibration=calibration,
             factors=factors,
         )
-        if conv.bias is not None:
-            assert layer.bias is not None
-            with torch.no_grad():
-                layer.bias.copy_(conv.bias)
+        _sketch.copy_bias(layer.bias, conv.bias)
         return layer
-
-    def load_sketch_of(self, weight: torch.Tensor) -> None:
-        """Set ``S1``, ``S2`` to the sketches of a dense kernel with the current ``U``'s."""
-        kh, kw = self.kernel_size
-        _sketch.check_weight("weight", weight, (self.out_channels, self.in_channels, kh, kw))
-        self._load_sketch(weight)
-
-    @torch.no_grad()
-    def _load_sketch(self, weight: torch.Tensor) -> None:
-        kh, kw = self.kernel_size
-        dt = _sketch.compute_dtype(self.S1.dtype)
-        wm = weight.to(device=self.S1.device, dtype=dt).reshape(self.out_channels, -1)
-        rank = self.S1.shape[0]
-        # Linear view: S1_lin = Wm^T U1_lin^T with U1_lin = U1^T, stored transposed as conv kernels.
-        self.S1.copy_((self.U1.to(dt).t() @ wm).view(rank, self.in_channels, kh, kw))
-        # S2_lin = U2_lin^T Wm^T with U2_lin = U2 flattened and transposed; stored as (C_out, r).
-        self.S2.copy_(wm @ self.U2.to(dt).reshape(rank, -1).t())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         unbatched = input.dim() == 3

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from sketchtune._validation import check_bool, check_int
-from sketchtune.nn import _lowrank, _sketch
+from sketchtune.nn import _sketch
 from sketchtune.nn._lowrank import InputCovariance, LowRankFactors
 
 __all__ = ["SKLinear"]
@@ -105,55 +103,34 @@ class SKLinear(nn.Module):
             _sketch.check_weight("W_init", W_init, (self.out_features, self.in_features))
         self.seed = _sketch.resolve_seed(seed)
         self._scale = 1.0 / (2 * self.num_terms)
-        rank = self.num_terms * self.low_rank
-        placed = _lowrank.factors_to_place(
-            init,
-            None if W_init is None else W_init.t(),
-            2 * rank,
-            calibration=calibration,
-            factors=factors,
-        )
         self.init = init
-
         gen = _sketch.generator(self.seed)
-        kw = {"dtype": dtype, "device": device}
-        if placed is None:  # the seed's random-sign sketch
-            u1 = _sketch.sign_matrix(
-                rank, self.out_features, self.low_rank, gen, dtype=dtype, device=device
+        with torch.no_grad():
+            start = _sketch.initial_factors(
+                self.in_features,
+                self.out_features,
+                self.num_terms,
+                self.low_rank,
+                W_init,
+                gen,
+                transposed=False,
+                init=init,
+                calibration=calibration,
+                factors=factors,
+                dtype=dtype,
+                device=device,
             )
-            u2 = _sketch.sign_matrix(
-                self.in_features, rank, self.low_rank, gen, dtype=dtype, device=device
-            )
-        else:
-            target_dtype = dtype or torch.get_default_dtype()
-            target_device = torch.device(device) if device is not None else torch.device("cpu")
-            s1, u2, u1, s2 = _lowrank.split_factors(
-                placed, self.num_terms, self.low_rank, dtype=target_dtype, device=target_device
-            )
-        self.register_buffer("U1", u1)
-        self.register_buffer("U2", u2)
-        self.S1 = nn.Parameter(torch.empty(self.in_features, rank, **kw))  # type: ignore[arg-type]
-        self.S2 = nn.Parameter(torch.empty(rank, self.out_features, **kw))  # type: ignore[arg-type]
+        self.register_buffer("U1", start.U1)
+        self.register_buffer("U2", start.U2)
+        self.S1 = nn.Parameter(start.S1)
+        self.S2 = nn.Parameter(start.S2)
         self.bias = (
-            nn.Parameter(torch.empty(self.out_features, **kw))  # type: ignore[arg-type]
+            _sketch.initial_bias(
+                self.out_features, self.in_features, gen, dtype=dtype, device=device
+            )
             if bias
             else None
         )
-
-        bound = 1.0 / math.sqrt(self.in_features)
-        if placed is not None:
-            with torch.no_grad():
-                self.S1.copy_(s1)
-                self.S2.copy_(s2)
-        else:
-            if W_init is None:
-                # nn.Linear's kaiming_uniform_(a=sqrt(5)) distribution, drawn from our generator.
-                W_init = _sketch.uniform_(
-                    torch.empty(self.out_features, self.in_features), bound, gen
-                )
-            self._load_sketch(W_init)
-        if self.bias is not None:
-            _sketch.uniform_(self.bias, bound, gen)
 
     @classmethod
     def from_dense(
@@ -204,22 +181,8 @@ class SKLinear(nn.Module):
             calibration=calibration,
             factors=factors,
         )
-        if linear.bias is not None:
-            assert layer.bias is not None
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
+        _sketch.copy_bias(layer.bias, linear.bias)
         return layer
-
-    def load_sketch_of(self, weight: torch.Tensor) -> None:
-        """Set ``S1``, ``S2`` to the sketches of a dense ``(out, in)`` weight with the current ``U``'s."""
-        _sketch.check_weight("weight", weight, (self.out_features, self.in_features))
-        self._load_sketch(weight)
-
-    @torch.no_grad()
-    def _load_sketch(self, weight: torch.Tensor) -> None:
-        wt = weight.to(device=self.S1.device, dtype=_sketch.compute_dtype(self.S1.dtype)).t()
-        self.S1.copy_(wt @ self.U1.to(wt.dtype).t())
-        self.S2.copy_(self.U2.to(wt.dtype).t() @ wt)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         shape = input.shape
