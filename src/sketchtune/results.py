@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import TrialState
 from torch import nn
 
+from sketchtune._trialinfo import TrialInfo
 from sketchtune.plan import SketchPlan
 from sketchtune.registry import kind_of, sketch_of
-from sketchtune.search import trial_info
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,10 +53,10 @@ class TrialRecord:
 
 def record_from_trial(label: str, trial: FrozenTrial) -> TrialRecord:
     """The results-table row of an Optuna trial that sketchtune ran (``label``: its study)."""
-    info = trial_info(trial)
-    feasible = bool(info.get("feasible", False)) and trial.state == TrialState.COMPLETE
-    accuracy = info.get("accuracy")
-    speedup = info.get("speedup")
+    info = TrialInfo.of(trial)
+    feasible = bool(info.feasible) and trial.state == TrialState.COMPLETE
+    accuracy = info.accuracy
+    speedup = info.speedup
     if not feasible:
         score = -math.inf
     else:
@@ -66,26 +66,28 @@ def record_from_trial(label: str, trial: FrozenTrial) -> TrialRecord:
         layer_name=label,
         params=dict(trial.params),
         accuracy=accuracy,
-        speed=info.get("speed"),
+        speed=info.speed,
         speedup=speedup,
         score=score,
         feasible=feasible,
         trial=trial.number,
         state=trial.state.name,
         duration=duration,
-        reason=info.get("reason"),
-        plan=dict(info.get("plan") or {}),
-        flops_speedup=info.get("flops_speedup"),
+        reason=info.reason,
+        plan=dict(info.plan or {}),
+        flops_speedup=info.flops_speedup,
     )
 
 
 def json_ready(value: Any) -> Any:
-    """``value`` with infinities as strings, so ``json.dump`` writes standard JSON."""
+    """``value`` with infinities as strings and NaN as ``None``, so ``json.dump`` writes standard JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
     if isinstance(value, float) and math.isinf(value):
         return "-inf" if value < 0 else "inf"
     if isinstance(value, dict):
         return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [json_ready(v) for v in value]
     return value
 

@@ -28,12 +28,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sketchtune._trialinfo import TrialInfo, counts_against_budget
 from sketchtune._validation import check_choice, check_float, check_int, check_seed
 
 __all__ = ["OptunaSearch"]
-
-# Everything sketchtune records about a trial sits in one user attr (one storage write).
-ATTR = "sketchtune"
 
 
 class OptunaSearch:
@@ -57,8 +55,10 @@ class OptunaSearch:
         max_retry: how many times a crashed trial's parameters are retried.
 
     Attributes:
-        study: the most recently opened study.
+        study: the study being tuned (the most recently started one).
         studies: every study opened by the last ``tune()``, by key (layer or group name).
+        snapshot: the current study's trials as read just before the running trial
+            (one storage read per trial; the objective finds duplicates in it).
 
     Example:
         >>> from optuna.samplers import RandomSampler
@@ -129,6 +129,15 @@ class OptunaSearch:
         )
 
     # -- storage and studies -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Forget the studies of an earlier search (called when a search begins)."""
+        self.study = None
+        self.studies = {}
+
+    def set_current(self, study: optuna.Study) -> None:
+        """Mark ``study`` as the one being tuned (``search.study``, as in the seed)."""
+        self.study = study
 
     def open_storage(self) -> optuna.storages.BaseStorage | None:
         """The storage object, created once (``None`` means in memory)."""
@@ -279,22 +288,10 @@ def default_sampler(seed: int | None, n_trials: int | None = None) -> optuna.sam
         "group": True,
     }
     if not hasattr(optuna.trial.Trial, "set_constraint"):
-        kwargs["constraints_func"] = lambda t: (float(trial_info(t).get("constraint", 0.0)),)
+        kwargs["constraints_func"] = lambda t: (float(TrialInfo.of(t).constraint or 0.0),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(**kwargs)
-
-
-def counts_against_budget(trial: FrozenTrial) -> bool:
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
-    return trial.state == TrialState.FAIL and "reason" in trial_info(trial)
-
-
-def trial_info(trial: FrozenTrial) -> dict[str, Any]:
-    """What sketchtune recorded about ``trial`` (accuracy, speedup, plan, reason, ...)."""
-    info = trial.user_attrs.get(ATTR)
-    return info if isinstance(info, dict) else {}
 
 
 def grid_exhausted(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:
@@ -359,14 +356,3 @@ def redact(storage: object) -> object:
     if isinstance(storage, str):
         return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", storage)
     return storage if storage is None else type(storage).__name__
-
-
-def frozen_params_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """A hashable key of a trial's parameters (bool and int kept apart)."""
-    return tuple(sorted((k, (type(v).__name__, v)) for k, v in params.items()))
-
-
-def finished(
-    study: optuna.Study, states: Sequence[TrialState] = (TrialState.COMPLETE,)
-) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=tuple(states))

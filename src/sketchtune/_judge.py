@@ -1,0 +1,219 @@
+"""Judging one plan: swap it in, measure accuracy and speed, swap it out; the floor lives here.
+
+Every evaluation of the model goes through :meth:`Judge.evaluate` (announced to
+DDP followers first) or, on a follower, :meth:`Judge.run`. The judge is the
+only owner of the accuracy floor.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Literal
+
+import optuna
+from torch import nn
+
+from sketchtune._builder import PlanBuilder
+from sketchtune.evaluate import (
+    AccuracyFloor,
+    Command,
+    Evaluator,
+    FloorUnreachable,
+    Mode,
+    NonFiniteMetric,
+    RemoteTrial,
+)
+from sketchtune.measure import ShapeRecorder, interleaved_rates, layer_macs
+from sketchtune.plan import SketchPlan, Swap
+from sketchtune.registry import SketchKind, kind_named
+
+__all__ = ["Judge", "Outcome", "TrialFailed"]
+
+
+class TrialFailed(Exception):
+    """A trial failed for a recorded reason (non-finite metric, ...); the study continues."""
+
+
+@dataclass
+class Outcome:
+    """What one evaluation of a plan measured."""
+
+    accuracy: float
+    speed: float | None
+    speedup: float | None
+    feasible: bool
+    violation: float
+    speed_measured: bool
+    flops_speedup: float
+    early_stop: bool = False
+
+    def value(self, mode: Mode) -> float:
+        """What Optuna is told (maximized): the speedup, or the accuracy when speed is not measured.
+
+        An infeasible trial with a speed objective gets ``-1 - violation``: below every
+        feasible speedup (> 0) and better the closer it came to the floor, which
+        guides samplers that ignore constraints. Without speed, the (signed)
+        accuracy itself is already below every feasible one.
+        """
+        if self.speedup is not None:
+            return self.speedup
+        if not self.feasible and self.speed_measured:
+            return -1.0 - self.violation
+        return self.accuracy if mode == "max" else -self.accuracy
+
+
+class Judge:
+    """Measures plans on ``model`` against the accuracy floor.
+
+    Args:
+        model: the dense model (plans are swapped in and out of it).
+        evaluator: accuracy and (optionally) throughput.
+        builder: builds the plans' sketched modules.
+        kinds: each selected layer's kind.
+        speed_model: ``"flops"`` for the FLOP speed model, ``None`` for the evaluator's timing.
+        runs: evaluations per measurement (the median is kept).
+        mode: ``"max"`` when higher accuracy is better.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        evaluator: Evaluator,
+        builder: PlanBuilder,
+        kinds: dict[str, SketchKind],
+        *,
+        speed_model: Literal["flops"] | None,
+        runs: int,
+        mode: Mode,
+    ) -> None:
+        self.model = model
+        self.evaluator = evaluator
+        self.builder = builder
+        self.kinds = kinds
+        self.speed_model = speed_model
+        self.runs = runs
+        self.mode: Mode = mode
+        self._floor = AccuracyFloor(None, mode)
+        self._shapes = ShapeRecorder(model, sorted(builder.dense))
+
+    # -- the floor ---------------------------------------------------------------------
+
+    @property
+    def floor(self) -> AccuracyFloor:
+        return self._floor
+
+    def set_floor(self, floor: AccuracyFloor) -> None:
+        """The floor every later evaluation is judged (and stopped early) against."""
+        self._floor = floor
+
+    # -- speed -------------------------------------------------------------------------
+
+    @property
+    def speed_measured(self) -> bool:
+        return self.speed_model is not None or self.evaluator.has_throughput
+
+    def flops_speedup(self, plan: SketchPlan) -> float:
+        """FLOP-model speedup of the whole model with ``plan`` applied (needs recorded shapes)."""
+        dense_total = sketch_total = 0.0
+        for name, module in self.builder.dense.items():
+            shapes = self._shapes.shapes.get(name, ())
+            d, _ = layer_macs(module, shapes)
+            dense_total += d
+            if name in plan:
+                layer = plan[name]
+                sketch_total += kind_named(layer.type).sketch_macs(
+                    module, dict(layer.params), shapes
+                )
+            else:
+                sketch_total += d
+        return dense_total / sketch_total if sketch_total else 1.0
+
+    def timed_rates(self, plan: SketchPlan, rounds: int) -> tuple[list[float], list[float]]:
+        """Throughput of the dense model and of ``plan``, interleaved, ``rounds`` each."""
+        swap = Swap(self.model, self.builder.build(plan))
+        return interleaved_rates(lambda: self.evaluator.throughput(self.model), swap, rounds=rounds)
+
+    def _speed(self, swap: Swap, plan: SketchPlan) -> tuple[float | None, float | None]:
+        """``(speed, speedup)`` of the swapped-in plan; the dense model is re-timed interleaved."""
+        if self.speed_model == "flops":
+            speedup = self.flops_speedup(plan)
+            return speedup, speedup
+        if not self.evaluator.has_throughput:
+            return None, None
+        dense_runs, sketch_runs = interleaved_rates(
+            lambda: self.evaluator.throughput(self.model), swap, rounds=self.runs
+        )
+        dense, speed = statistics.median(dense_runs), statistics.median(sketch_runs)
+        if dense <= 0:
+            raise TrialFailed(
+                f"optimization_eval_func returned {dense} for the dense model; speeds must be > 0"
+            )
+        return speed, speed / dense
+
+    # -- evaluating --------------------------------------------------------------------
+
+    def evaluate(
+        self, plan: SketchPlan, trial: optuna.Trial | None, *, measure_speed: bool = True
+    ) -> Outcome:
+        """Swap ``plan`` in, measure it, swap it out. Announced to DDP followers first."""
+        self.evaluator.announce(
+            Command(plan.to_dict()["layers"], trial is not None, measure_speed, self._floor.value)
+        )
+        return self.run(plan, trial, measure_speed=measure_speed)
+
+    def run(
+        self, plan: SketchPlan, trial: optuna.Trial | RemoteTrial | None, *, measure_speed: bool
+    ) -> Outcome:
+        """Evaluate ``plan`` without announcing it (followers run what was announced)."""
+        modules = self.builder.build(plan)
+        early_stop = False
+        calibrating = not plan and bool(self.builder.calibrate) and not self.builder.calibrated
+        with Swap(self.model, modules) as swap:
+            try:
+                if calibrating:
+                    with self.builder.calibration_hooks(self.kinds, self.evaluator.reduce_sum):
+                        accuracy = self._accuracy(trial)
+                else:
+                    accuracy = self._accuracy(trial)
+            except NonFiniteMetric as exc:
+                raise TrialFailed(str(exc)) from None
+            except FloorUnreachable as exc:
+                accuracy, early_stop = exc.bound, True
+            violation = self._floor.violation(accuracy)
+            feasible = violation <= 0.0 and not early_stop
+            speed = speedup = None
+            if feasible and measure_speed:
+                try:
+                    speed, speedup = self._speed(swap, plan)
+                except NonFiniteMetric as exc:
+                    raise TrialFailed(str(exc)) from None
+        return Outcome(
+            accuracy,
+            speed,
+            speedup,
+            feasible,
+            violation,
+            self.speed_measured,
+            self.flops_speedup(plan),
+            early_stop,
+        )
+
+    def dense_outcome(self, accuracy: float) -> Outcome:
+        """The outcome of the empty plan, from the dense accuracy already measured."""
+        return Outcome(
+            accuracy,
+            None,
+            1.0 if self.speed_measured else None,
+            self._floor.feasible(accuracy),
+            self._floor.violation(accuracy),
+            self.speed_measured,
+            1.0,
+        )
+
+    def _accuracy(self, trial: optuna.Trial | RemoteTrial | None) -> float:
+        runs = []
+        for _ in range(self.runs):
+            with self._shapes:
+                runs.append(self.evaluator.accuracy(self.model, trial=trial, floor=self._floor))
+        return float(statistics.median(runs))

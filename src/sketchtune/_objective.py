@@ -1,0 +1,192 @@
+"""The Optuna objective of one study, its per-trial report line, and the search's signal handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from sketchtune._best import BestTracker, score_text
+from sketchtune._judge import Judge, Outcome, TrialFailed
+from sketchtune._studies import StudyLayout, StudySpec
+from sketchtune._trialinfo import TrialInfo, constraint_of, finished_twin, set_constraint
+from sketchtune.results import TrialRecord, record_from_trial
+from sketchtune.search import OptunaSearch
+
+__all__ = [
+    "WORKER",
+    "OverBudget",
+    "make_objective",
+    "make_reporter",
+    "quiet_optuna",
+    "say",
+    "sigterm_as_interrupt",
+]
+
+log = logging.getLogger("sketchtune")
+
+#: which process ran a trial (several may share a study)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class OverBudget(Exception):
+    """Another worker took the last slot of the budget first; this trial is not run."""
+
+
+def say(message: str, verbose: bool) -> None:
+    """Log ``message``; also print it when ``verbose``."""
+    log.info(message)
+    if verbose:
+        print(message, flush=True)
+
+
+def make_objective(
+    spec: StudySpec,
+    layout: StudyLayout,
+    judge: Judge,
+    search: OptunaSearch,
+    dense_accuracy: float | None,
+) -> Callable[[optuna.Trial], float]:
+    """The objective of ``spec``'s study: suggest a plan, judge it, record it, return its value."""
+
+    def objective(trial: optuna.Trial) -> float:
+        if search.over_budget(trial):
+            TrialInfo(skipped="the study's budget was used up by other workers").write(trial)
+            raise OverBudget
+        plan = layout.suggest(spec, trial)
+        twin = finished_twin(trial, search.snapshot)
+        if twin is not None:
+            dataclasses.replace(TrialInfo.of(twin), duplicate_of=twin.number).write(trial)
+            set_constraint(trial, constraint_of(twin))
+            assert twin.value is not None
+            return twin.value
+        info = TrialInfo(plan=plan.to_dict()["layers"], worker=WORKER)
+        outcome: Outcome
+        try:
+            if not plan and dense_accuracy is not None:
+                # every layer left dense: that is the baseline, already measured
+                outcome = judge.dense_outcome(dense_accuracy)
+            else:
+                outcome = judge.evaluate(plan, trial)
+        except TrialFailed as exc:
+            dataclasses.replace(info, reason=str(exc)).write(trial)
+            raise
+        info = dataclasses.replace(
+            info,
+            accuracy=outcome.accuracy,
+            speed=outcome.speed,
+            speedup=outcome.speedup,
+            feasible=outcome.feasible,
+            flops_speedup=outcome.flops_speedup,
+            early_stop=outcome.early_stop,
+            constraint=None if hasattr(trial, "set_constraint") else outcome.violation,
+        )
+        info.write(trial)
+        set_constraint(trial, outcome.violation)
+        return outcome.value(judge.mode)
+
+    return objective
+
+
+def make_reporter(
+    spec: StudySpec,
+    best: BestTracker,
+    judge: Judge,
+    *,
+    n_trials: int | None,
+    verbose: bool,
+    callbacks: Sequence[Callable[[TrialRecord], None]] = (),
+) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Optuna's after-trial callback: keep the best, call ``callbacks``, print one line."""
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        info = TrialInfo.of(trial)
+        if info.skipped is not None:
+            return
+        record = record_from_trial(spec.label, trial)
+        best.consider(spec.label, record)
+        for callback in callbacks:
+            callback(record)
+        if verbose:
+            say(_trial_line(spec, record, info, best, judge, n_trials), verbose)
+
+    return after_trial
+
+
+def _trial_line(
+    spec: StudySpec,
+    record: TrialRecord,
+    info: TrialInfo,
+    best: BestTracker,
+    judge: Judge,
+    n_trials: int | None,
+) -> str:
+    params = " ".join(f"{k}={v}" for k, v in record.params.items())
+    if record.state != "COMPLETE":
+        outcome = record.state.lower() + (f" ({record.reason})" if record.reason else "")
+    else:
+        accuracy = f"accuracy {record.accuracy:.4f} ({judge.floor.describe()})"
+        if not record.feasible:
+            outcome = f"{accuracy} -> infeasible"
+        elif record.speedup is not None:
+            outcome = f"{accuracy}, speedup {record.speedup:.2f}x"
+        else:
+            outcome = accuracy
+        if info.duplicate_of is not None:
+            outcome += f" (same as trial {info.duplicate_of})"
+    leader = best.best(spec.label)
+    best_text = f" | best {score_text(leader)}" if leader else ""
+    return f"[{spec.label}] trial {record.trial + 1}/{n_trials or '-'}: {params} -> {outcome}{best_text}"
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (a scheduler stopping the job, ``kill``) into Ctrl-C for the search's duration.
+
+    The search then ends the way Ctrl-C ends it: the running trial is failed,
+    the model is restored, finished trials stay in the study.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _DropOurFailures(logging.Filter):
+    """Optuna logs every failed trial with a traceback; ours carry a recorded reason instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (TrialFailed, OverBudget))
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Silence Optuna's per-trial INFO lines (the tuner reports trials itself) for the duration."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna_logger = logging.getLogger("optuna")
+    filt = _DropOurFailures()
+    optuna_logger.addFilter(filt)
+    try:
+        yield
+    finally:
+        optuna_logger.removeFilter(filt)
+        optuna.logging.set_verbosity(verbosity)

@@ -1,0 +1,85 @@
+"""The JSON file of a tuning run's results (``save_tuning_results`` / ``load_tuning_results``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sketchtune._atomic import write_text_atomic
+from sketchtune.evaluate import AccuracyFloor
+from sketchtune.plan import SketchPlan
+from sketchtune.results import TrialRecord, json_ready
+
+__all__ = ["LoadedResults", "read_results", "write_results"]
+
+_RESULTS_TYPE = "sketchtune.TuningResults"
+_RESULTS_VERSION = 1
+
+
+@dataclass
+class LoadedResults:
+    """What a results file holds."""
+
+    records: list[TrialRecord]
+    best_plan: SketchPlan | None
+    floor: AccuracyFloor
+    dense_accuracy: float | None
+    combination_log: list[dict[str, Any]]
+
+
+def write_results(
+    path: str | os.PathLike[str],
+    *,
+    strategy: str | None,
+    dense_accuracy: float | None,
+    floor: AccuracyFloor,
+    records: Sequence[TrialRecord],
+    best_plan: SketchPlan | None,
+    combination_log: list[dict[str, Any]],
+) -> None:
+    """Write the results as standard JSON (no NaN tokens), atomically."""
+    data = {
+        "_type": _RESULTS_TYPE,
+        "_version": _RESULTS_VERSION,
+        "strategy": strategy,
+        "dense_accuracy": dense_accuracy,
+        "floor": {"value": floor.value, "mode": floor.mode},
+        "records": [asdict(r) for r in records],
+        "best_plan": None if best_plan is None else best_plan.to_dict(),
+        "combination_log": combination_log,
+    }
+    write_text_atomic(path, json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_results(path: str | os.PathLike[str]) -> LoadedResults:
+    """Read a file written by :func:`write_results` (no code is executed)."""
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict) or data.get("_type") != _RESULTS_TYPE:
+        raise ValueError(f"{where} is not a sketchtune results file (no _type={_RESULTS_TYPE!r}).")
+    version = data.get("_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > _RESULTS_VERSION:
+        raise ValueError(
+            f"{where} has results format version {version!r}; this sketchtune reads up to "
+            f"{_RESULTS_VERSION}. Upgrade sketchtune to load it."
+        )
+    try:
+        records = [TrialRecord(**{**r, "score": float(r["score"])}) for r in data["records"]]
+        plan = None if data["best_plan"] is None else SketchPlan.from_dict(data["best_plan"])
+        floor = AccuracyFloor(data["floor"]["value"], data["floor"]["mode"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where} is malformed: {exc}.") from None
+    return LoadedResults(
+        records=records,
+        best_plan=plan,
+        floor=floor,
+        dense_accuracy=data.get("dense_accuracy"),
+        combination_log=list(data.get("combination_log") or []),
+    )
