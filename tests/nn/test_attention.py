@@ -754,7 +754,7 @@ def _encoder_layer_with_rand() -> nn.TransformerEncoderLayer:
 
 
 def test_causal_normaliser_with_and_without_a_ones_column() -> None:
-    from sketchtune.nn.attention import _causal_attention
+    from sketchtune.nn._favor import causal_attention as _causal_attention
 
     gen = torch.Generator().manual_seed(0)
     phi_q, phi_k = torch.rand(2, 11, 5, generator=gen), torch.rand(2, 11, 5, generator=gen)
