@@ -14,9 +14,10 @@ import optuna
 from optuna.trial import TrialState
 
 from sketchtune._judge import Judge, TrialFailed
+from sketchtune._trialinfo import TrialInfo
 from sketchtune.evaluate import Mode
 from sketchtune.plan import SketchPlan
-from sketchtune.results import TrialRecord, json_ready
+from sketchtune.results import TrialRecord, json_ready, record_from_trial
 
 __all__ = ["BestTracker", "Decision", "choose", "score_text"]
 
@@ -37,6 +38,12 @@ class BestTracker:
         useful = record.feasible and (record.speedup is None or record.speedup > 1.0)
         if useful and (best is None or self.rank(record) > self.rank(best)):
             self._best[label] = record
+
+    def consider_study(self, label: str, study: optuna.Study) -> None:
+        """Let every finished trial of ``study`` (earlier runs, other workers) compete."""
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if TrialInfo.of(trial).skipped is None:
+                self.consider(label, record_from_trial(label, trial))
 
     def best(self, label: str) -> TrialRecord | None:
         return self._best.get(label)

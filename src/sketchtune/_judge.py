@@ -15,7 +15,9 @@ import optuna
 from torch import nn
 
 from sketchtune._builder import PlanBuilder
+from sketchtune._validation import warn
 from sketchtune.evaluate import (
+    REMOTE_TRIAL,
     AccuracyFloor,
     Command,
     Evaluator,
@@ -106,6 +108,41 @@ class Judge:
     def set_floor(self, floor: AccuracyFloor) -> None:
         """The floor every later evaluation is judged (and stopped early) against."""
         self._floor = floor
+
+    def dense_accuracy(self) -> float:
+        """Measure the dense model (gathering calibration statistics on the way), with no floor."""
+        self._floor = AccuracyFloor(None, self.mode)  # nothing to stop early against yet
+        try:
+            return self.evaluate(SketchPlan(), None, measure_speed=False).accuracy
+        except TrialFailed as exc:
+            raise ValueError(
+                f"the dense model's accuracy is not finite ({exc}); check the evaluation."
+            ) from None
+
+    def resolve_floor(
+        self, dense: float | None, *, threshold: float | None, max_drop: float | str | None
+    ) -> AccuracyFloor:
+        """Set the floor from an absolute ``threshold`` or a ``max_drop`` below ``dense``.
+
+        Raises:
+            ValueError: the dense model itself does not keep the floor.
+        """
+        floor = AccuracyFloor.resolve(
+            threshold=threshold, max_drop=max_drop, baseline=dense, mode=self.mode
+        )
+        if floor.value is not None and dense is not None and not floor.feasible(dense):
+            raise ValueError(
+                f"accuracy_threshold={floor.value:.6g} is out of reach: the dense model itself "
+                f"scores {dense:.6g}. Use a threshold the dense model meets, or "
+                "max_accuracy_drop for a floor relative to it."
+            )
+        if floor.value is None and self.speed_measured:
+            warn(
+                "no accuracy floor is set (accuracy_threshold / max_accuracy_drop): the fastest "
+                "configuration wins whatever its accuracy."
+            )
+        self._floor = floor
+        return floor
 
     # -- speed -------------------------------------------------------------------------
 
@@ -198,6 +235,19 @@ class Judge:
             self.flops_speedup(plan),
             early_stop,
         )
+
+    def follow(self) -> None:
+        """Run the evaluations the coordinating process announces, until it finishes (DDP)."""
+        while True:
+            command = self.evaluator.receive()
+            if command is None:
+                return
+            self._floor = AccuracyFloor(command.floor, self.mode)
+            trial = REMOTE_TRIAL if command.has_trial else None
+            try:
+                self.run(SketchPlan(command.plan), trial, measure_speed=command.measure_speed)
+            except (TrialFailed, optuna.TrialPruned):
+                continue  # the coordinator records the outcome; followers just keep in step
 
     def dense_outcome(self, accuracy: float) -> Outcome:
         """The outcome of the empty plan, from the dense accuracy already measured."""

@@ -20,7 +20,7 @@ from sketchtune._judge import Judge, Outcome, TrialFailed
 from sketchtune._studies import StudyLayout, StudySpec
 from sketchtune._trialinfo import TrialInfo, constraint_of, finished_twin, set_constraint
 from sketchtune.results import TrialRecord, record_from_trial
-from sketchtune.search import OptunaSearch
+from sketchtune.search import OptunaSearch, redact
 
 __all__ = [
     "WORKER",
@@ -28,6 +28,7 @@ __all__ = [
     "make_objective",
     "make_reporter",
     "quiet_optuna",
+    "resume_hint",
     "say",
     "sigterm_as_interrupt",
 ]
@@ -190,3 +191,16 @@ def quiet_optuna() -> Iterator[None]:
     finally:
         optuna_logger.removeFilter(filt)
         optuna.logging.set_verbosity(verbosity)
+
+
+def resume_hint(search: OptunaSearch) -> str:
+    """What an interrupted search kept, and how to continue it."""
+    kept = sum(search.counted_trials(s) for s in search.studies.values())
+    if search.storage is None:
+        where = "in memory (tuner.search_algorithm.studies); pass a storage URL to resume in a later run"
+    else:
+        where = (
+            f"in {redact(search.storage)!r}; run again with the same storage, "
+            f"study_name={search.study_name!r} and load_if_exists=True to resume"
+        )
+    return f"interrupted: the model is restored and {kept} finished trial(s) are kept {where}."

@@ -16,14 +16,15 @@ from typing import Any, Literal
 import optuna
 from torch import nn
 
-from sketchtune._validation import warn
+from sketchtune._validation import check_choice, warn
 from sketchtune.config import LayerConfig, TuningConfigs
+from sketchtune.nn import INITS
 from sketchtune.plan import LayerPlan, SketchPlan
 from sketchtune.registry import SketchKind
 from sketchtune.select import select_layers, sketchable_layers
 from sketchtune.space import Categorical, ParamSpec
 
-__all__ = ["ENABLED", "Group", "Strategy", "StudyLayout", "StudySpec"]
+__all__ = ["ENABLED", "Group", "Strategy", "StudyLayout", "StudySpec", "check_configs"]
 
 Strategy = Literal["separate", "joint", "global"]
 
@@ -228,6 +229,33 @@ class StudyLayout:
         """Every selected layer with the first value of each parameter space (untuned)."""
         values = {g.key: {p: spec.first() for p, spec in g.space.items()} for g in self.groups}
         return self.plan_from(self.groups, values)
+
+
+def check_configs(
+    model: nn.Module,
+    configs: TuningConfigs | LayerConfig | Sequence[LayerConfig],
+    *,
+    strategy: Strategy | None = None,
+    default_init: str = "sketch",
+) -> list[str]:
+    """Check ``configs`` against ``model`` as :class:`~sketchtune.SKAutoTuner` would, before any work.
+
+    Raises the same errors the tuner's constructor raises (no layer matched,
+    values a layer cannot take, ...). Nothing is built or evaluated.
+
+    Returns:
+        The label of each study the search would run.
+    """
+    if strategy is not None:
+        check_choice("strategy", strategy, ("separate", "joint", "global"))
+    layout = StudyLayout(
+        model,
+        TuningConfigs.coerce(configs),
+        strategy=strategy,
+        default_init=check_choice("default_init", default_init, INITS),
+        seed=0,
+    )
+    return [spec.label for spec in layout.specs]
 
 
 def _joint_auto_space(

@@ -40,16 +40,16 @@ from sketchtune._objective import (
     make_objective,
     make_reporter,
     quiet_optuna,
+    resume_hint,
     say,
     sigterm_as_interrupt,
 )
 from sketchtune._results_file import read_results, write_results
-from sketchtune._studies import Strategy, StudyLayout, StudySpec
+from sketchtune._studies import Strategy, StudyLayout, StudySpec, check_configs
 from sketchtune._trialinfo import TrialInfo
 from sketchtune._validation import check_choice, check_int, check_seed, warn
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.evaluate import (
-    REMOTE_TRIAL,
     AccuracyFloor,
     Evaluator,
     FunctionEvaluator,
@@ -60,7 +60,7 @@ from sketchtune.nn import INITS
 from sketchtune.plan import SketchPlan, Swap, apply_plan, build_replacements
 from sketchtune.registry import BuildAids
 from sketchtune.results import TrialRecord, record_from_trial
-from sketchtune.search import OptunaSearch, redact
+from sketchtune.search import OptunaSearch
 
 __all__ = ["SKAutoTuner", "check_configs"]
 
@@ -292,7 +292,7 @@ class SKAutoTuner:
                     for spec in self._studies:
                         study = self._optuna_studies[spec.label]
                         search.set_current(study)  # the study being tuned, as in the seed
-                        self._consider_finished(best, spec, study)
+                        best.consider_study(spec.label, study)
                         search.run(
                             study,
                             make_objective(
@@ -311,7 +311,7 @@ class SKAutoTuner:
                         )
                 except KeyboardInterrupt:
                     self.interrupted = True
-                    self._say(self._resume_hint())
+                    self._say(resume_hint(search))
             self._records = None
             self._finish(best)
         finally:
@@ -324,26 +324,10 @@ class SKAutoTuner:
         the same tuner and calls ``follow()``, so collective operations inside the
         evaluator (metric reduction, broadcasts) line up across processes.
         """
-        while True:
-            command = self.evaluator.receive()
-            if command is None:
-                return
-            self._judge.set_floor(AccuracyFloor(command.floor, self.mode))
-            trial = REMOTE_TRIAL if command.has_trial else None
-            try:
-                self._judge.run(
-                    SketchPlan(command.plan), trial, measure_speed=command.measure_speed
-                )
-            except (TrialFailed, optuna.TrialPruned):
-                continue  # the coordinator records the outcome; followers just keep in step
-
-    def _consider_finished(self, best: BestTracker, spec: StudySpec, study: optuna.Study) -> None:
-        """Let every finished trial of ``study`` (earlier runs, other workers) compete for best."""
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if TrialInfo.of(trial).skipped is None:
-                best.consider(spec.label, record_from_trial(spec.label, trial))
+        self._judge.follow()
 
     def _baseline(self) -> None:
+        """The dense accuracy (measured, or stored in the study by an earlier run) and the floor."""
         stored = [
             study.user_attrs[_STUDY_DENSE]
             for study in self._optuna_studies.values()
@@ -353,54 +337,20 @@ class SKAutoTuner:
             self.dense_accuracy = float(stored[0])
             self._say(f"dense accuracy {self.dense_accuracy:.6g} (stored in the study)")
         else:
-            self._judge.set_floor(AccuracyFloor(None, self.mode))  # nothing to stop early against
-            try:
-                outcome = self._judge.evaluate(SketchPlan(), None, measure_speed=False)
-            except TrialFailed as exc:
-                raise ValueError(
-                    f"the dense model's accuracy is not finite ({exc}); check the evaluation."
-                ) from None
-            self.dense_accuracy = outcome.accuracy
+            self.dense_accuracy = self._judge.dense_accuracy()
             for study in self._optuna_studies.values():
                 study.set_user_attr(_STUDY_DENSE, self.dense_accuracy)
             self._say(f"dense accuracy {self.dense_accuracy:.6g}")
-        floor = AccuracyFloor.resolve(
-            threshold=self.accuracy_threshold,
-            max_drop=self.max_accuracy_drop,
-            baseline=self.dense_accuracy,
-            mode=self.mode,
+        floor = self._judge.resolve_floor(
+            self.dense_accuracy, threshold=self.accuracy_threshold, max_drop=self.max_accuracy_drop
         )
-        self._judge.set_floor(floor)
-        if floor.value is not None and not floor.feasible(self.dense_accuracy):
-            raise ValueError(
-                f"accuracy_threshold={floor.value:.6g} is out of reach: the dense model itself "
-                f"scores {self.dense_accuracy:.6g}. Use a threshold the dense model meets, or "
-                "max_accuracy_drop for a floor relative to it."
-            )
-        if floor.value is None and self._judge.speed_measured:
-            warn(
-                "no accuracy floor is set (accuracy_threshold / max_accuracy_drop): the fastest "
-                "configuration wins whatever its accuracy."
-            )
         self._say(f"accuracy floor: {floor.describe()}")
-
-    def _resume_hint(self) -> str:
-        search = self.search_algorithm
-        kept = sum(search.counted_trials(s) for s in search.studies.values())
-        if search.storage is None:
-            where = "in memory (tuner.search_algorithm.studies); pass a storage URL to resume in a later run"
-        else:
-            where = (
-                f"in {redact(search.storage)!r}; run again with the same storage, "
-                f"study_name={search.study_name!r} and load_if_exists=True to resume"
-            )
-        return f"interrupted: the model is restored and {kept} finished trial(s) are kept {where}."
 
     def _finish(self, best: BestTracker) -> None:
         """Pick the best plan: the global winner, or the validated combination of per-study winners."""
         # Other workers may have finished trials of the same studies: judge all of them.
         for spec in self._studies:
-            self._consider_finished(best, spec, self._optuna_studies[spec.label])
+            best.consider_study(spec.label, self._optuna_studies[spec.label])
         decision = choose(
             best.all(),
             [self._optuna_studies[s.label] for s in self._studies],
@@ -509,30 +459,3 @@ class SKAutoTuner:
         self._judge.set_floor(loaded.floor)
         self.dense_accuracy = loaded.dense_accuracy
         self.combination_log = loaded.combination_log
-
-
-def check_configs(
-    model: nn.Module,
-    configs: TuningConfigs | LayerConfig | Sequence[LayerConfig],
-    *,
-    strategy: Strategy | None = None,
-    default_init: str = "sketch",
-) -> list[str]:
-    """Check ``configs`` against ``model`` as :class:`SKAutoTuner` would, before any work.
-
-    Raises the same errors the tuner's constructor raises (no layer matched,
-    values a layer cannot take, ...). Nothing is built or evaluated.
-
-    Returns:
-        The label of each study the search would run.
-    """
-    layout = StudyLayout(
-        model,
-        TuningConfigs.coerce(configs),
-        strategy=None
-        if strategy is None
-        else check_choice("strategy", strategy, ("separate", "joint", "global")),
-        default_init=check_choice("default_init", default_init, INITS),
-        seed=0,
-    )
-    return [spec.label for spec in layout.specs]
