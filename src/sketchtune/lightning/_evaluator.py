@@ -19,6 +19,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from sketchtune._modes import eval_mode, restore_modes, save_modes
 from sketchtune.evaluate import (
     AccuracyFloor,
     Command,
@@ -175,7 +176,7 @@ class LightningEvaluator(Evaluator):
         sketched = [m for m in module.modules() if is_sketched(m)]
         trainable = {id(p) for m in sketched for p in m.parameters()}
         frozen = [p for p in module.parameters() if id(p) not in trainable and p.requires_grad]
-        modes = {m: m.training for m in module.modules()}
+        modes = save_modes(module)
         optimizer = _first_optimizer(module.configure_optimizers())
         # training_step may self.log(); outside the Trainer's loops that would raise, and
         # a trial's training curves are not the user's, so logging is silenced here.
@@ -209,8 +210,7 @@ class LightningEvaluator(Evaluator):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-            for m, mode in modes.items():
-                m.training = mode
+            restore_modes(modes)
             for name, value in zip(("log", "log_dict"), saved_log, strict=True):
                 if value is None:
                     module.__dict__.pop(name, None)
@@ -240,22 +240,20 @@ class LightningEvaluator(Evaluator):
     def throughput(self, model: nn.Module) -> float:
         batches = self._speed_batches()
         module = self.pl_module
-        modes = {m: m.training for m in module.modules()}
         device = module.device
-        try:
-            module.eval()
-            with torch.inference_mode(), self.trainer.precision_plugin.predict_step_context():
-                for i, batch in enumerate(batches[: self.warmup_batches]):
-                    self._predict(batch, i)
-                synchronize(device)
-                start = time.perf_counter()
-                for i, batch in enumerate(batches[self.warmup_batches :]):
-                    self._predict(batch, i)
-                synchronize(device)
-                elapsed = time.perf_counter() - start
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with (
+            eval_mode(module),
+            torch.inference_mode(),
+            self.trainer.precision_plugin.predict_step_context(),
+        ):
+            for i, batch in enumerate(batches[: self.warmup_batches]):
+                self._predict(batch, i)
+            synchronize(device)
+            start = time.perf_counter()
+            for i, batch in enumerate(batches[self.warmup_batches :]):
+                self._predict(batch, i)
+            synchronize(device)
+            elapsed = time.perf_counter() - start
         return self._mean(self._samples / max(elapsed, 1e-9))
 
     def _predict(self, batch: Any, index: int) -> Any:

@@ -8,38 +8,43 @@ restores the trainer afterwards, and applies and logs the result.
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 import statistics
-import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 from typing_extensions import override
 
-from sketchtune._validation import check_choice, check_float, check_int, check_seed
+from sketchtune._modes import restore_modes, save_modes
+from sketchtune._validation import check_choice, check_float, check_int, check_seed, warn
 from sketchtune.config import LayerConfig, TuningConfigs
+from sketchtune.evaluate import check_floor_args
+from sketchtune.lightning._checkpoint import PLAN_CHECKPOINT_KEY
 from sketchtune.lightning._evaluator import LightningEvaluator
+from sketchtune.lightning._reporting import (
+    Progress,
+    TrialLogger,
+    count_weights,
+    log_outcome,
+    summarize,
+)
+from sketchtune.lightning._trainer_state import TrainerState, has_validation_batches
+from sketchtune.measure import interleaved_rates
 from sketchtune.plan import SketchPlan, Swap
-from sketchtune.results import RunSummary, TrialRecord, write_report
-from sketchtune.search import OptunaSearch, redact
-from sketchtune.tuner import SKAutoTuner
+from sketchtune.results import RunSummary
+from sketchtune.search import OptunaSearch
+from sketchtune.tuner import SKAutoTuner, check_configs
 
 if TYPE_CHECKING:
     import pandas as pd
-    from lightning.pytorch.loggers import Logger
     from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
+    from torch import nn
 
 __all__ = ["PLAN_CHECKPOINT_KEY", "SketchTuneCallback"]
-
-#: where the applied plan is stored in checkpoints (read by SketchedModule.load_from_checkpoint)
-PLAN_CHECKPOINT_KEY = "sketchtune_plan"
 
 
 class SketchTuneCallback(Callback):
@@ -142,11 +147,7 @@ class SketchTuneCallback(Callback):
             raise ValueError(f"`monitor` must be the name of a logged metric, got {monitor!r}.")
         self.monitor = monitor
         self.mode: Literal["max", "min"] = check_choice("mode", mode, ("max", "min"))
-        if accuracy_threshold is not None and max_accuracy_drop is not None:
-            raise ValueError(
-                "give `accuracy_threshold` or `max_accuracy_drop`, not both "
-                f"(got {accuracy_threshold!r} and {max_accuracy_drop!r})."
-            )
+        check_floor_args(accuracy_threshold, max_accuracy_drop)
         self.accuracy_threshold = accuracy_threshold
         self.max_accuracy_drop = max_accuracy_drop
         self.n_trials = check_int("n_trials", n_trials, minimum=1)
@@ -181,11 +182,9 @@ class SketchTuneCallback(Callback):
             raise TypeError(f"`output_dir` must be a directory path or None, got {output_dir!r}.")
         self.output_dir = output_dir
         if pruner is not None and finetune_steps == 0:
-            warnings.warn(
+            warn(
                 "`pruner` is only used with finetune_steps > 0 (trials report intermediate "
-                "accuracies while fine-tuning); it is ignored.",
-                UserWarning,
-                stacklevel=2,
+                "accuracies while fine-tuning); it is ignored."
             )
         # Validate the search settings now, before any Trainer runs.
         self._search_settings()
@@ -202,7 +201,8 @@ class SketchTuneCallback(Callback):
         self.applied_plan: SketchPlan | None = None
         self.summary: RunSummary | None = None
         self._searching = False
-        self._modes: dict[str, bool] | None = None
+        self._next_log_step = 0  # loggers' steps continue past an earlier search's rows
+        self._modes: dict[nn.Module, bool] | None = None
 
     @property
     def state_key(self) -> str:
@@ -229,17 +229,13 @@ class SketchTuneCallback(Callback):
         )
         if runs_here and not self.applied_plan:
             # Check the configs against this model now, not after hours of training.
-            SKAutoTuner(
-                pl_module,
-                self.configs,
-                lambda m: 0.0,
-                default_init=self.default_init,
-                strategy=self.strategy,
+            check_configs(
+                pl_module, self.configs, strategy=self.strategy, default_init=self.default_init
             )
         if stage == TrainerFn.VALIDATING and self.run_on == "validate":
             # validate() ends by restoring the mode it found; our nested runs would change
             # what it found, so remember the modes from before it started.
-            self._modes = {name: m.training for name, m in pl_module.named_modules()}
+            self._modes = save_modes(pl_module)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -263,9 +259,7 @@ class SketchTuneCallback(Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._modes is not None and stage == TrainerFn.VALIDATING:
-            for name, module in pl_module.named_modules():
-                if name in self._modes:
-                    module.training = self._modes[name]
+            restore_modes(self._modes)
             self._modes = None
 
     @override
@@ -327,18 +321,18 @@ class SketchTuneCallback(Callback):
             default_init=self.default_init,
         )
         self.tuner = tuner
-        state = _TrainerState(trainer, loop)
+        state = TrainerState(trainer, loop)
         loggers = list(trainer.loggers)
         progress = (
-            _Progress(trainer, self.n_trials * len(tuner._studies))
+            Progress(trainer, self.n_trials * len(tuner.study_labels))
             if trainer.is_global_zero
             else None
         )
-        log_trial = _TrialLogger(loggers)
+        log_trial = TrialLogger(loggers, start=max(trainer.global_step, self._next_log_step))
         self._searching = True
         state.detach(hooks=[evaluator.early_stop])
         try:
-            if not _has_validation_batches(loop):
+            if not has_validation_batches(loop):
                 raise ValueError(
                     "SketchTuneCallback needs validation batches to measure accuracy; give the "
                     "Trainer a val_dataloader and limit_val_batches > 0."
@@ -360,16 +354,40 @@ class SketchTuneCallback(Callback):
         self.best_speedup, self.best_accuracy = tuner.best_speedup, tuner.best_accuracy
         self.dense_accuracy = tuner.dense_accuracy
         self.study = search.study
-        dense_weights = _count_weights(pl_module)
+        dense_weights = count_weights(pl_module)
         throughput = self._final_throughput(evaluator, tuner, self.best_plan)
         if self.apply_best:
             if self.best_plan:
                 tuner.apply(self.best_plan)  # built as measured (activation statistics included)
             self.applied_plan = self.best_plan  # possibly empty: checkpoints then say "dense"
+        self._next_log_step = log_trial.step + 1
         if trainer.is_global_zero:
-            self.results = tuner.get_results_dataframe()
-            self._report(search, loggers)
-            self._summarize(search, dense_weights, throughput)
+            self.results = results = tuner.get_results_dataframe()
+            plan = self.best_plan or SketchPlan()
+            log_outcome(
+                tuner,
+                search,
+                results,
+                plan=plan,
+                speedup=self.best_speedup,
+                accuracy=self.best_accuracy,
+                monitor=self.monitor,
+                storage=self.storage,
+                loggers=loggers,
+                step=log_trial.step,
+            )
+            self.summary = summarize(
+                tuner,
+                search,
+                results,
+                plan=plan,
+                accuracy=self.best_accuracy,
+                monitor=self.monitor,
+                storage=self.storage,
+                dense_weights=dense_weights,
+                throughput=throughput,
+                output_dir=self.output_dir,
+            )
 
     def _final_throughput(
         self, evaluator: LightningEvaluator, tuner: SKAutoTuner, plan: SketchPlan, rounds: int = 5
@@ -377,215 +395,11 @@ class SketchTuneCallback(Callback):
         """Dense and tuned throughput of ``plan``, interleaved, median of ``rounds`` (all ranks)."""
         if self.speed != "measure" or not plan:
             return None, None
-        dense, tuned = [], []
         swap = Swap(tuner.model, tuner.build(plan))
-        try:
-            for _ in range(rounds):
-                dense.append(evaluator.throughput(tuner.model))
-                swap.apply()
-                tuned.append(evaluator.throughput(tuner.model))
-                swap.restore()
-        finally:
-            if swap.applied:
-                swap.restore()
-        return statistics.median(dense), statistics.median(tuned)
-
-    def _summarize(
-        self,
-        search: OptunaSearch,
-        dense_weights: int,
-        throughput: tuple[float | None, float | None],
-    ) -> None:
-        tuner = self.tuner
-        assert tuner is not None
-        df = self.results
-        assert df is not None
-        summary = RunSummary(
-            monitor=self.monitor,
-            floor=tuner.floor.describe(),
-            dense_accuracy=self.dense_accuracy,
-            tuned_accuracy=self.best_accuracy if self.best_plan else self.dense_accuracy,
-            dense_throughput=throughput[0],
-            tuned_throughput=throughput[1],
-            dense_weights=dense_weights,
-            tuned_weights=_count_weights(tuner.model),
-            plan=self.best_plan or SketchPlan(),
-            trials=len(df),
-            feasible=int(df.feasible.sum()) if len(df) else 0,
-            storage=self.storage if isinstance(self.storage, str) else None,
-            study_name=search.study_name,
+        dense, tuned = interleaved_rates(
+            lambda: evaluator.throughput(tuner.model), swap, rounds=rounds
         )
-        self.summary = summary
-        text = "sketchtune: dense vs tuned\n" + summary.table() + "\n" + summary.dashboard_hint()
-        if self.output_dir is not None:
-            paths = write_report(self.output_dir, summary, tuner.records, floor=tuner.floor.value)
-            text += "\nWrote " + ", ".join(sorted(paths.values()))
-        rank_zero_info(text)
-
-    def _report(self, search: OptunaSearch, loggers: list[Logger]) -> None:
-        tuner = self.tuner
-        assert tuner is not None
-        df = self.results
-        assert df is not None
-        feasible = int(df.feasible.sum()) if len(df) else 0
-        where = redact(search.storage) if self.storage is not None else "memory (this callback)"
-        if self.best_plan:
-            speed = f"{self.best_speedup:.2f}x" if self.best_speedup is not None else "n/a"
-            rank_zero_info(
-                f"sketchtune: best plan sketches {len(self.best_plan)} layer(s): speedup {speed} at "
-                f"{self.monitor}={self.best_accuracy:.4f} (dense {tuner.dense_accuracy:.4f}, floor "
-                f"{tuner.floor.describe()}); {feasible}/{len(df)} trials feasible; study "
-                f"{search.study_name!r} in {where}."
-            )
-        else:
-            rank_zero_info(
-                f"sketchtune: no plan kept the floor ({tuner.floor.describe()}) and ran faster; the "
-                f"model stays dense. {feasible}/{len(df)} trials feasible; study {search.study_name!r} in {where}."
-            )
-        summary = {
-            "sketchtune/dense_accuracy": tuner.dense_accuracy,
-            "sketchtune/best_accuracy": self.best_accuracy,
-            "sketchtune/best_speedup": self.best_speedup,
-            "sketchtune/layers_sketched": float(len(self.best_plan or {})),
-        }
-        metrics = {k: float(v) for k, v in summary.items() if v is not None}
-        for logger in loggers:
-            logger.log_metrics(metrics, step=len(df))
-            log_dir = getattr(logger, "log_dir", None)
-            if isinstance(log_dir, str) and self.best_plan is not None:
-                os.makedirs(log_dir, exist_ok=True)
-                self.best_plan.save(os.path.join(log_dir, "sketchtune_plan.json"))
-                df.to_csv(os.path.join(log_dir, "sketchtune_trials.csv"), index=False)
-            logger.save()
-
-
-class _TrainerState:
-    """What the search changes on the trainer, saved and put back (as BatchSizeFinder does)."""
-
-    def __init__(self, trainer: Trainer, loop: _EvaluationLoop) -> None:
-        self.trainer: Any = cast(
-            Any, trainer
-        )  # callbacks/loggers are assignable attributes mypy cannot see
-        self.loop = loop
-        self.callbacks = list(self.trainer.callbacks)
-        self.loggers = list(trainer.loggers)
-        self.stage = trainer.state.stage
-        self.bar_was_enabled = False
-        self.verbose = loop.verbose
-        self.loop_state = copy.deepcopy(loop.state_dict())
-        self.metrics: list[tuple[dict[str, Any], dict[str, Any]]] = [
-            (target, dict(target))
-            for target in (
-                trainer.callback_metrics,
-                trainer.logged_metrics,
-                trainer.progress_bar_metrics,
-            )
-        ]
-
-    def detach(self, hooks: list[Callback]) -> None:
-        trainer = self.trainer
-        # No checkpoints, early stopping or per-trial validation bars. The progress bar stays
-        # registered but disabled: Rich's live display asks the trainer for it while it renders.
-        bar = trainer.progress_bar_callback
-        self.bar_was_enabled = bar is not None and bar.is_enabled
-        if bar is not None:
-            bar.disable()
-        trainer.callbacks = [*hooks, *([bar] if bar is not None else [])]
-        trainer.loggers = []  # trials are logged by the callback, as trials
-        self.loop.verbose = False
-        trainer.state.stage = RunningStage.VALIDATING
-
-    def restore(self) -> None:
-        trainer = self.trainer
-        trainer.callbacks = self.callbacks
-        if self.bar_was_enabled and trainer.progress_bar_callback is not None:
-            trainer.progress_bar_callback.enable()
-        trainer.loggers = self.loggers
-        trainer.state.stage = self.stage
-        self.loop.verbose = self.verbose
-        self.loop.load_state_dict(copy.deepcopy(self.loop_state))
-        self.loop.restarting = False
-        if trainer.state.fn == TrainerFn.VALIDATING:
-            self.loop.reset()  # the validate() that called us goes on with a fresh iterator
-        for target, saved in self.metrics:
-            target.clear()
-            target.update(saved)
-
-
-def _count_weights(module: nn.Module) -> int:
-    """Parameters and buffers: what the model stores."""
-    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
-
-
-def _has_validation_batches(loop: _EvaluationLoop) -> bool:
-    loop.setup_data()
-    return not loop.skip
-
-
-class _TrialLogger:
-    """Sends each trial's results to the Trainer's loggers, one step per trial."""
-
-    def __init__(self, loggers: list[Logger]) -> None:
-        self.loggers = loggers
-        self.step = 0
-
-    def __call__(self, record: TrialRecord) -> None:
-        metrics: dict[str, float] = {"sketchtune/feasible": float(record.feasible)}
-        if record.accuracy is not None:
-            metrics["sketchtune/accuracy"] = float(record.accuracy)
-        if record.speedup is not None:
-            metrics["sketchtune/speedup"] = float(record.speedup)
-        for name, value in record.params.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                metrics[f"sketchtune/params/{name}"] = float(value)
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.step)
-        self.step += 1
-
-
-class _Progress:
-    """Trial progress: a tqdm bar next to Lightning's TQDM bar, one log line per trial otherwise."""
-
-    def __init__(self, trainer: Trainer, total: int) -> None:
-        from lightning.pytorch.callbacks import TQDMProgressBar
-
-        self.total = total
-        self.best = -math.inf
-        self.feasible = 0
-        self.done = 0
-        self.bar: Any = None
-        self.lines = False
-        bar = trainer.progress_bar_callback
-        if isinstance(bar, TQDMProgressBar):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total, desc="sketchtune", unit="trial", dynamic_ncols=True, leave=True
-            )
-        elif bar is not None:
-            self.lines = True  # e.g. Rich, whose live display prints log lines above itself
-
-    def update(self, record: TrialRecord) -> None:
-        self.done += 1
-        if record.feasible:
-            self.feasible += 1
-            if record.speedup is not None:
-                self.best = max(self.best, record.speedup)
-        best = f"{self.best:.2f}x" if self.best > -math.inf else "-"
-        if self.bar is not None:
-            self.bar.set_postfix(best=best, feasible=f"{self.feasible}/{self.done}", refresh=False)
-            self.bar.update(1)
-        elif self.lines:
-            accuracy = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
-            rank_zero_info(
-                f"sketchtune trial {self.done}/{self.total}: accuracy {accuracy}, "
-                f"{'feasible' if record.feasible else 'infeasible'}; best {best}, "
-                f"feasible {self.feasible}/{self.done}"
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        return statistics.median(dense), statistics.median(tuned)
 
 
 def _check_range(value: Any) -> tuple[float, float] | None:

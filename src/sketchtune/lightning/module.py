@@ -11,13 +11,17 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from sketchtune.lightning.callback import PLAN_CHECKPOINT_KEY
-from sketchtune.plan import SketchPlan, apply_plan
-from sketchtune.registry import is_sketched
+from sketchtune.lightning._checkpoint import (
+    PLAN_CHECKPOINT_KEY,
+    drop_dense_optimizer_state,
+    drop_stale_optimizer_state,
+    plan_in,
+    sketch_pending,
+    with_prefix,
+)
+from sketchtune.plan import SketchPlan, as_plan
 
 __all__ = ["SketchedModule"]
-
-_PREFIX = "module."
 
 
 class SketchedModule(LightningModule):
@@ -66,15 +70,8 @@ class SketchedModule(LightningModule):
 
     def apply_plan(self, plan: SketchPlan | Mapping[str, Any] | str | os.PathLike[str]) -> None:
         """Sketch the wrapped module's layers that ``plan`` names and are still dense."""
-        if isinstance(plan, (str, os.PathLike)):
-            plan = SketchPlan.load(plan)
-        elif not isinstance(plan, SketchPlan):
-            plan = SketchPlan.from_dict(plan) if "_type" in plan else SketchPlan(plan)
-        pending = {
-            name: layer for name, layer in plan.items() if not _has_sketched(self.module, name)
-        }
-        if pending:
-            apply_plan(self.module, SketchPlan(pending))
+        plan = as_plan(plan)
+        sketch_pending(self.module, plan)
         self.plan = plan
 
     # -- delegation ------------------------------------------------------------------
@@ -150,29 +147,30 @@ class SketchedModule(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PLAN_CHECKPOINT_KEY] = self.plan.to_dict()
+        if self._trainer is not None:
+            drop_stale_optimizer_state(checkpoint, self.trainer.optimizers, self)
         if isinstance(self.module, LightningModule):
             self.module.on_save_checkpoint(checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        data = checkpoint.get(PLAN_CHECKPOINT_KEY)
-        if data is None:
+        plan = plan_in(checkpoint)
+        if plan is None:
             raise ValueError(
                 "this checkpoint holds no sketchtune plan, so the sketched architecture cannot be "
                 "rebuilt: save it from a Trainer that ran SketchTuneCallback (or from a "
                 "SketchedModule), or load it into your dense model instead."
             )
-        self.apply_plan(SketchPlan.from_dict(data))
-        state = checkpoint.get("state_dict", {})
-        if state and not all(key.startswith(_PREFIX) for key in state):
+        dense = _count_parameters(self)
+        self.apply_plan(plan)
+        # a resumed fit restores the optimizer next: its saved state may be the dense model's
+        drop_dense_optimizer_state(checkpoint, dense, _count_parameters(self))
+        if checkpoint.get("state_dict"):
             # saved for the bare LightningModule (by SketchTuneCallback): add our prefix
-            checkpoint["state_dict"] = {_PREFIX + key: value for key, value in state.items()}
+            checkpoint["state_dict"] = with_prefix(checkpoint["state_dict"])
         if isinstance(self.module, LightningModule):
             self.module.on_load_checkpoint(checkpoint)
 
 
-def _has_sketched(module: nn.Module, name: str) -> bool:
-    try:
-        return is_sketched(module.get_submodule(name))
-    except AttributeError:
-        return False
+def _count_parameters(module: nn.Module) -> int:
+    return sum(1 for _ in module.parameters())

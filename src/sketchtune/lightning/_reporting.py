@@ -1,0 +1,193 @@
+"""What the search tells the user: per-trial logger rows, a progress bar, the run's summary."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from sketchtune.plan import SketchPlan
+from sketchtune.results import RunSummary, TrialRecord, write_report
+from sketchtune.search import OptunaSearch, redact
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from lightning.pytorch.loggers import Logger
+
+    from sketchtune.tuner import SKAutoTuner
+
+__all__ = ["Progress", "TrialLogger", "count_weights", "log_outcome", "summarize"]
+
+
+class TrialLogger:
+    """Sends each trial's results to the Trainer's loggers, one step per trial.
+
+    Steps continue from ``start`` (the Trainer's global step, or past what an
+    earlier search logged), so a logger's step never goes backwards. Each row
+    also carries ``sketchtune/trial``, the trial's index in this run.
+
+    Args:
+        loggers: the Trainer's loggers.
+        start: the first step to log at.
+    """
+
+    def __init__(self, loggers: list[Logger], start: int) -> None:
+        self.loggers = loggers
+        self.step = start
+        self.trials = 0
+
+    def __call__(self, record: TrialRecord) -> None:
+        metrics: dict[str, float] = {
+            "sketchtune/trial": float(self.trials),
+            "sketchtune/feasible": float(record.feasible),
+        }
+        if record.accuracy is not None:
+            metrics["sketchtune/accuracy"] = float(record.accuracy)
+        if record.speedup is not None:
+            metrics["sketchtune/speedup"] = float(record.speedup)
+        for name, value in record.params.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"sketchtune/params/{name}"] = float(value)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.step)
+        self.step += 1
+        self.trials += 1
+
+
+class Progress:
+    """Trial progress: a tqdm bar next to Lightning's TQDM bar, one log line per trial otherwise."""
+
+    def __init__(self, trainer: Trainer, total: int) -> None:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        self.total = total
+        self.best = -math.inf
+        self.feasible = 0
+        self.done = 0
+        self.bar: Any = None
+        self.lines = False
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total, desc="sketchtune", unit="trial", dynamic_ncols=True, leave=True
+            )
+        elif bar is not None:
+            self.lines = True  # e.g. Rich, whose live display prints log lines above itself
+
+    def update(self, record: TrialRecord) -> None:
+        """Count ``record`` and show the best feasible speedup so far."""
+        self.done += 1
+        if record.feasible:
+            self.feasible += 1
+            if record.speedup is not None:
+                self.best = max(self.best, record.speedup)
+        best = f"{self.best:.2f}x" if self.best > -math.inf else "-"
+        if self.bar is not None:
+            self.bar.set_postfix(best=best, feasible=f"{self.feasible}/{self.done}", refresh=False)
+            self.bar.update(1)
+        elif self.lines:
+            accuracy = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
+            rank_zero_info(
+                f"sketchtune trial {self.done}/{self.total}: accuracy {accuracy}, "
+                f"{'feasible' if record.feasible else 'infeasible'}; best {best}, "
+                f"feasible {self.feasible}/{self.done}"
+            )
+
+    def close(self) -> None:
+        """Close the tqdm bar, if one was drawn."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def count_weights(module: nn.Module) -> int:
+    """Parameters and buffers: what the model stores."""
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
+
+
+def log_outcome(
+    tuner: SKAutoTuner,
+    search: OptunaSearch,
+    results: pd.DataFrame,
+    *,
+    plan: SketchPlan,
+    speedup: float | None,
+    accuracy: float | None,
+    monitor: str,
+    storage: Any,
+    loggers: list[Logger],
+    step: int,
+) -> None:
+    """One log line with the outcome; the summary metrics, plan and trials table to each logger."""
+    feasible = int(results.feasible.sum()) if len(results) else 0
+    where = redact(search.storage) if storage is not None else "memory (this callback)"
+    floor = tuner.floor.describe()
+    if plan:
+        shown = f"{speedup:.2f}x" if speedup is not None else "n/a"
+        rank_zero_info(
+            f"sketchtune: best plan sketches {len(plan)} layer(s): speedup {shown} at "
+            f"{monitor}={accuracy:.4f} (dense {tuner.dense_accuracy:.4f}, floor {floor}); "
+            f"{feasible}/{len(results)} trials feasible; study {search.study_name!r} in {where}."
+        )
+    else:
+        rank_zero_info(
+            f"sketchtune: no plan kept the floor ({floor}) and ran faster; the model stays dense. "
+            f"{feasible}/{len(results)} trials feasible; study {search.study_name!r} in {where}."
+        )
+    summary = {
+        "sketchtune/dense_accuracy": tuner.dense_accuracy,
+        "sketchtune/best_accuracy": accuracy,
+        "sketchtune/best_speedup": speedup,
+        "sketchtune/layers_sketched": float(len(plan)),
+    }
+    metrics = {k: float(v) for k, v in summary.items() if v is not None}
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        log_dir = getattr(logger, "log_dir", None)
+        if isinstance(log_dir, str):
+            os.makedirs(log_dir, exist_ok=True)
+            plan.save(os.path.join(log_dir, "sketchtune_plan.json"))
+            results.to_csv(os.path.join(log_dir, "sketchtune_trials.csv"), index=False)
+        logger.save()
+
+
+def summarize(
+    tuner: SKAutoTuner,
+    search: OptunaSearch,
+    results: pd.DataFrame,
+    *,
+    plan: SketchPlan,
+    accuracy: float | None,
+    monitor: str,
+    storage: Any,
+    dense_weights: int,
+    throughput: tuple[float | None, float | None],
+    output_dir: str | os.PathLike[str] | None,
+) -> RunSummary:
+    """The dense-vs-tuned table, logged, and written to ``output_dir`` with the plots."""
+    summary = RunSummary(
+        monitor=monitor,
+        floor=tuner.floor.describe(),
+        dense_accuracy=tuner.dense_accuracy,
+        tuned_accuracy=accuracy if plan else tuner.dense_accuracy,
+        dense_throughput=throughput[0],
+        tuned_throughput=throughput[1],
+        dense_weights=dense_weights,
+        tuned_weights=count_weights(tuner.model),
+        plan=plan,
+        trials=len(results),
+        feasible=int(results.feasible.sum()) if len(results) else 0,
+        storage=storage if isinstance(storage, str) else None,
+        study_name=search.study_name,
+    )
+    text = "sketchtune: dense vs tuned\n" + summary.table() + "\n" + summary.dashboard_hint()
+    if output_dir is not None:
+        paths = write_report(output_dir, summary, tuner.records, floor=tuner.floor.value)
+        text += "\nWrote " + ", ".join(sorted(paths.values()))
+    rank_zero_info(text)
+    return summary
