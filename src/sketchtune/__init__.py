@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "SKAutoTuner": "sketchtune.tuner",
     "SKConv2d": "sketchtune.nn.conv",
     "SKLinear": "sketchtune.nn.linear",
+    "SketchKind": "sketchtune.kinds",
     "SketchPlan": "sketchtune.plan",
     "SketchTuneCLI": "sketchtune.lightning.cli",
     "SketchTuneCallback": "sketchtune.lightning.callback",
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "estimate_speedup": "sketchtune.measure",
     "format_model_tree": "sketchtune.results",
     "measure_throughput": "sketchtune.measure",
+    "register_kind": "sketchtune.registry",
     "select_layers": "sketchtune.select",
 }
 
@@ -53,6 +55,7 @@ __all__ = [
     "SKAutoTuner",
     "SKConv2d",
     "SKLinear",
+    "SketchKind",
     "SketchPlan",
     "SketchTuneCLI",
     "SketchTuneCallback",
@@ -63,12 +66,14 @@ __all__ = [
     "estimate_speedup",
     "format_model_tree",
     "measure_throughput",
+    "register_kind",
     "select_layers",
 ]
 
 if TYPE_CHECKING:
     from sketchtune.config import LayerConfig, TuningConfigs
     from sketchtune.evaluate import AccuracyFloor, Evaluator
+    from sketchtune.kinds import SketchKind
     from sketchtune.lightning.callback import SketchTuneCallback
     from sketchtune.lightning.cli import SketchTuneCLI
     from sketchtune.lightning.module import SketchedModule
@@ -77,6 +82,7 @@ if TYPE_CHECKING:
     from sketchtune.nn.conv import SKConv2d
     from sketchtune.nn.linear import SKLinear
     from sketchtune.plan import LayerPlan, SketchPlan, apply_plan
+    from sketchtune.registry import register_kind
     from sketchtune.results import format_model_tree
     from sketchtune.search import OptunaSearch
     from sketchtune.select import select_layers

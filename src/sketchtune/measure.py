@@ -1,4 +1,4 @@
-"""Speed measurement: interleaved wall-clock timing and a FLOP-count speed model.
+"""Speed measurement: interleaved wall-clock timing (the FLOP model is in :mod:`sketchtune.flops`).
 
 Wall-clock comparisons follow three rules, because machines drift (turbo,
 thermal throttling, other processes) on the time scale of a tuning run:
@@ -21,13 +21,15 @@ import torch
 from torch import nn
 
 from sketchtune._validation import check_int
-from sketchtune.registry import kind_of, sketch_of
-from sketchtune.select import sketchable_layers
+
+# The FLOP model lives in sketchtune.flops; its names stay importable from here.
+from sketchtune.flops import ShapeRecorder, estimate_speedup, layer_macs
 
 __all__ = [
     "ShapeRecorder",
     "interleaved_rates",
     "estimate_speedup",
+    "layer_macs",
     "measure_throughput",
     "synchronize",
     "time_interleaved",
@@ -181,103 +183,3 @@ def _device_of(model: nn.Module) -> torch.device | None:
     for buffer in model.buffers():
         return buffer.device
     return None
-
-
-class ShapeRecorder:
-    """Records the argument and output shapes of the first call of named submodules.
-
-    The FLOP model needs them (a convolution's cost depends on its output size,
-    attention's on the sequence lengths). Shapes are the same whether a name
-    holds the dense layer or its sketch, so recording may happen in any trial.
-
-    Attributes:
-        shapes: ``name -> (first tensor arg shape, second tensor arg or output shape, ...)``.
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        self.model = model
-        self.names = list(names)
-        self.shapes: dict[str, tuple[Shape, ...]] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> ShapeRecorder:
-        for name in self.names:
-            if name in self.shapes:
-                continue
-            module = self.model.get_submodule(name)
-            self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> None:
-            if name in self.shapes:
-                return
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            if isinstance(module, nn.MultiheadAttention) or hasattr(module, "num_random_features"):
-                tensors += [
-                    kwargs[k] for k in ("query", "key") if isinstance(kwargs.get(k), torch.Tensor)
-                ]
-            else:
-                out = output[0] if isinstance(output, tuple) else output
-                tensors = tensors[:1] + ([out] if isinstance(out, torch.Tensor) else [])
-            self.shapes[name] = tuple(tuple(t.shape) for t in tensors)
-
-        return hook
-
-
-def layer_macs(module: nn.Module, shapes: Sequence[Shape]) -> tuple[float, float]:
-    """``(dense, current)`` multiply-adds of one call of a dense or sketched layer."""
-    sketched = sketch_of(module)
-    if sketched is not None:
-        kind, params = sketched
-        return kind.dense_macs(module, shapes), kind.sketch_macs(module, params, shapes)
-    dense_kind = kind_of(module)
-    if dense_kind is None:
-        return 0.0, 0.0
-    macs = dense_kind.dense_macs(module, shapes)
-    return macs, macs
-
-
-def estimate_speedup(model: nn.Module, example_input: Any = None) -> float:
-    """FLOP-model speedup of ``model`` over its dense version (noise-free, for tests and CI).
-
-    Counts the multiply-adds of every Linear, Conv2d and MultiheadAttention
-    layer and of their sketched replacements; other operations are ignored.
-    With ``example_input`` one forward pass records each layer's real shapes
-    (spatial sizes, sequence lengths); without it every layer counts as one
-    output position, which is exact for MLPs on flat inputs.
-
-    Example:
-        >>> import torch
-        >>> from sketchtune import estimate_speedup
-        >>> from sketchtune.nn import SKLinear
-        >>> model = torch.nn.Sequential(SKLinear(1024, 1024, num_terms=1, low_rank=32, seed=0))
-        >>> round(estimate_speedup(model), 2)
-        8.0
-    """
-    names = [name for name, _, _ in sketchable_layers(model, include_sketched=True)]
-    recorder = ShapeRecorder(model, names)
-    if example_input is not None:
-        args = (
-            tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-        )
-        was_training = model.training
-        model.eval()
-        try:
-            with recorder, torch.inference_mode():
-                model(*args)
-        finally:
-            model.train(was_training)
-    dense = current = 0.0
-    for name in names:
-        d, c = layer_macs(model.get_submodule(name), recorder.shapes.get(name, ()))
-        dense += d
-        current += c
-    return dense / current if current else 1.0

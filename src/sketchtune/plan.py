@@ -22,7 +22,15 @@ from typing import Any
 
 from torch import nn
 
-from sketchtune.registry import is_sketched, kind_named, kind_of, unsupported_reason
+from sketchtune._validation import warn
+from sketchtune.registry import (
+    BuildAids,
+    is_sketched,
+    kind_named,
+    kind_of,
+    swap_overrides,
+    unsupported_reason,
+)
 from sketchtune.select import sketchable_layers
 
 __all__ = ["LayerPlan", "SketchPlan", "Swap", "apply_plan"]
@@ -198,29 +206,27 @@ class Swap:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             self._entries.append((parent, attr, getattr(parent, attr), new))
-        self._encoders = [
-            module
-            for prefix, module in model.named_modules()
-            if isinstance(module, nn.TransformerEncoder)
-            and getattr(module, "use_nested_tensor", False)
-            and any(n.startswith(f"{prefix}." if prefix else "") for n in replacements)
-        ]
+        # model-level switches the kinds ask for while their sketches are in (e.g. the
+        # nested-tensor fast path of nn.TransformerEncoder, which reads dense weights)
+        self._overrides = swap_overrides(model, replacements)
+        self._saved: list[Any] = []
         self.applied = False
 
     def apply(self) -> None:
         for parent, attr, _, new in self._entries:
             setattr(parent, attr, new)
-        # TransformerEncoder would feed NestedTensors to its layers' attention; sketched
-        # attention takes padded tensors and masks, so turn that fast path off while swapped.
-        for encoder in self._encoders:
-            encoder.use_nested_tensor = False
+        if not self.applied:
+            self._saved = [getattr(o.target, o.attribute) for o in self._overrides]
+            for override in self._overrides:
+                setattr(override.target, override.attribute, override.value)
         self.applied = True
 
     def restore(self) -> None:
         for parent, attr, original, _ in reversed(self._entries):
             setattr(parent, attr, original)
-        for encoder in self._encoders:
-            encoder.use_nested_tensor = True
+        if self.applied:
+            for override, saved in zip(self._overrides, self._saved, strict=True):
+                setattr(override.target, override.attribute, saved)
         self.applied = False
 
     def __enter__(self) -> Swap:
@@ -278,8 +284,25 @@ def build_replacements(
             )
         kind.check_params(module, layer.params, where=f"plan[{name!r}]")
         if build is None:
-            built[name] = kind.build(module, dict(layer.params), layer.seed, layer.copy_weights)
-    return build(plan) if build is not None else built
+            # one warning for the whole plan below, not one per layer
+            built[name] = kind.build(
+                module, dict(layer.params), layer.seed, layer.copy_weights, BuildAids(quiet=True)
+            )
+    if build is not None:
+        return build(plan)
+    fallback = [
+        n for n, p in plan.items() if p.copy_weights and p.params.get("init") == "activation"
+    ]
+    if fallback:
+        shown = ", ".join(repr(n) for n in fallback[:3]) + (", ..." if len(fallback) > 3 else "")
+        warn(
+            f"init='activation' needs the layer's input statistics, which a plan does not carry: "
+            f"{len(fallback)} layer(s) ({shown}) are built with init='svd'. Loading the tuned "
+            "state_dict next (apply_plan + load_state_dict) restores the tuned weights exactly, "
+            "so the init does not matter then.",
+            UserWarning,
+        )
+    return built
 
 
 def apply_plan(
@@ -288,7 +311,10 @@ def apply_plan(
     """Replace the layers named in ``plan`` with their sketched versions, in place.
 
     Everything is checked and built before the first layer is replaced, so a bad
-    plan leaves the model untouched.
+    plan leaves the model untouched. Layers tuned with ``init="activation"``
+    are built with ``init="svd"`` here (one warning for the whole plan, not one
+    per layer): the tuned ``state_dict`` loaded afterwards overwrites their
+    weights, so the init does not matter then.
 
     Args:
         model: a dense model of the architecture the plan was made for.

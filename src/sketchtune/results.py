@@ -13,7 +13,7 @@ from torch import nn
 
 from sketchtune._trialinfo import TrialInfo
 from sketchtune.plan import SketchPlan
-from sketchtune.registry import kind_of, sketch_of
+from sketchtune.registry import kind_of, sketch_of, swapped_whole
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -162,7 +162,7 @@ def format_model_tree(model: nn.Module, *, max_depth: int | None = None) -> str:
         return type(module).__name__
 
     def walk(module: nn.Module, prefix: str, depth: int) -> None:
-        if sketch_of(module) is not None or isinstance(module, nn.MultiheadAttention):
+        if swapped_whole(module):
             return  # priced and swapped whole
         children = list(module.named_children())
         for i, (name, child) in enumerate(children):

@@ -12,9 +12,11 @@ Selectors (PEFT's ``target_modules`` conventions, plus a dict form):
   (``[start, stop]`` or ``[start, stop, step]``) into what is left, in model order;
 - a **callable** ``(name, module) -> bool``, as torchao's ``filter_fn``.
 
-Only sketchable layers are candidates: ``nn.Linear``, ``nn.Conv2d`` (groups=1,
-zero padding) and ``nn.MultiheadAttention``; the ``out_proj`` inside an
-``nn.MultiheadAttention`` is never a candidate, since attention is sketched whole.
+Only sketchable layers are candidates: those of a registered kind
+(:mod:`sketchtune.registry`; built in: ``nn.Linear``, ``nn.Conv2d`` with
+groups=1 and zero padding, ``nn.MultiheadAttention``, and transformers'
+``Conv1D``). A kind's layer is swapped whole, so its submodules (the
+``out_proj`` inside an ``nn.MultiheadAttention``) are never candidates.
 A selector that matches nothing, or names a layer that cannot be sketched, is
 an error that lists what exists.
 """
@@ -27,7 +29,14 @@ from typing import Any
 
 from torch import nn
 
-from sketchtune.registry import SketchKind, kind_of, sketch_of, unsupported_reason
+from sketchtune.registry import (
+    SketchKind,
+    kind_of,
+    sketch_of,
+    supported_types,
+    swapped_whole,
+    unsupported_reason,
+)
 
 __all__ = ["select_layers", "sketchable_layers"]
 
@@ -54,7 +63,7 @@ def sketchable_layers(
             found.append((name, module, kind))
         elif sketched is not None and include_sketched:
             found.append((name, module, sketched[0]))
-        if isinstance(module, nn.MultiheadAttention) or sketched is not None:
+        if swapped_whole(module):
             inside.append(name + ".")
     return found
 
@@ -143,7 +152,7 @@ def _explain_unsupported(model: nn.Module, existing: list[str], where: str) -> N
     modules = dict(model.named_modules())
     name = existing[0]
     module = modules[name]
-    if list(module.children()) and not isinstance(module, nn.MultiheadAttention):
+    if list(module.children()) and not swapped_whole(module):
         suggestion = re.escape(name) + r"\..*"
         raise ValueError(
             f"`{where}` selects {name!r}, a {type(module).__name__} container; select the layers "
@@ -240,7 +249,7 @@ def _by_dict(
 
 def _listing(candidates: Sequence[tuple[str, nn.Module, SketchKind]], limit: int = 8) -> str:
     if not candidates:
-        return "The model has no sketchable layer (nn.Linear, nn.Conv2d or nn.MultiheadAttention)."
+        return f"The model has no sketchable layer ({', '.join(supported_types())})."
     shown = ", ".join(
         f"{name!r} ({kind.describe(module)})" for name, module, kind in candidates[:limit]
     )
