@@ -41,6 +41,16 @@ class MyNeuralNetwork(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
 
 
+class RGBNetwork(MyNeuralNetwork):
+    """An ordinary network: conv1 sees 3 channels (ranks up to 27), fc1 is 128 -> 48 (up to 48)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 128, 3, padding=1)
+        self.fc1 = nn.Linear(128, 48)
+        self.fc2 = nn.Linear(48, 10)
+
+
 def test_the_snippets_use_only_panther_imports_that_we_rewrite() -> None:
     snippets = _snippets()
     assert len(snippets) == 5
@@ -48,10 +58,13 @@ def test_the_snippets_use_only_panther_imports_that_we_rewrite() -> None:
         assert "panther" not in snippet
 
 
-def test_every_seed_snippet_runs(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("network", [MyNeuralNetwork, RGBNetwork])
+def test_every_seed_snippet_runs(
+    capsys: pytest.CaptureFixture[str], network: type[nn.Module]
+) -> None:
     torch.manual_seed(0)
     namespace: dict[str, Any] = {
-        "MyNeuralNetwork": MyNeuralNetwork,
+        "MyNeuralNetwork": network,
         "accuracy_score": 0.95,  # what the README's evaluate_accuracy returns
         "throughput": 1000.0,  # what its evaluate_speed returns
     }

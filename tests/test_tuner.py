@@ -575,9 +575,9 @@ def test_resume_from_sqlite_reuses_finished_trials_and_continues_numbering(
             r"the space needs a value for \['num_terms'\]",
         ),
         (
-            {"configs": configs({"num_terms": 1, "low_rank": Int(8, 64)})},
+            {"configs": configs({"num_terms": 1, "low_rank": Int(40, 64)})},
             ValueError,
-            r"low_rank=Int\(8, 64\) allows 64, which is not valid for Linear\(32->64\): low_rank can be at most min\(in, out\)=32",
+            r"low_rank=Int\(40, 64\) leaves no value that Linear\(32->64\) can take \(low_rank can be at most min\(in, out\)=32\)",
         ),
         (
             {

@@ -68,6 +68,7 @@ class Decision:
     speedup: float | None = None
     combination_log: list[dict[str, Any]] = field(default_factory=list)
     confirmation_log: list[dict[str, Any]] = field(default_factory=list)
+    speed: float | None = None
 
 
 def choose(
@@ -106,7 +107,12 @@ def choose(
         if study is not None and not interrupted:
             record = _agree_on_best(study, record)
         decision = Decision(
-            SketchPlan(record.plan), record.accuracy, record.speedup, [], confirmation
+            SketchPlan(record.plan),
+            record.accuracy,
+            record.speedup,
+            [],
+            confirmation,
+            speed=record.speed,
         )
         say(f"best: {decision.plan!r} ({score_text(record)})")
         return decision
@@ -201,7 +207,7 @@ def _validated_combination(
                 f"combined plan of {len(members)} study winner(s) passes: accuracy "
                 f"{outcome.accuracy:.4f} ({judge.floor.describe()}){speed_text}"
             )
-            return Decision(plan, outcome.accuracy, outcome.speedup, log)
+            return Decision(plan, outcome.accuracy, outcome.speedup, log, speed=outcome.speed)
         what = f"accuracy {outcome.accuracy:.4f}" if outcome is not None else f"failed ({reason})"
         drop = min(members, key=lambda label: _efficiency(members[label], judge, baseline))
         say(

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,8 +29,10 @@ __all__ = [
     "make_reporter",
     "quiet_optuna",
     "resume_hint",
+    "run_study",
     "say",
     "sigterm_as_interrupt",
+    "warm_start",
 ]
 
 log = logging.getLogger("sketchtune")
@@ -48,6 +50,49 @@ def say(message: str, verbose: bool) -> None:
     log.info(message)
     if verbose:
         print(message, flush=True)
+
+
+def warm_start(
+    search: OptunaSearch, layout: StudyLayout, studies: Mapping[str, optuna.Study]
+) -> None:
+    """Queue the most accurate plan first in every new study (default sampler only).
+
+    The sampler then learns early where the floor lies, and that plan's speed
+    is the one to beat.
+    """
+    if not search.uses_default_sampler:
+        return
+    for spec in layout.specs:
+        study = studies[spec.label]
+        if not study.get_trials(deepcopy=False):
+            study.enqueue_trial(layout.most_accurate_params(spec))
+
+
+def run_study(
+    spec: StudySpec,
+    study: optuna.Study,
+    layout: StudyLayout,
+    judge: Judge,
+    search: OptunaSearch,
+    best: BestTracker,
+    *,
+    dense_accuracy: float | None,
+    deadline: float | None,
+    verbose: bool,
+    callbacks: Sequence[Callable[[TrialRecord], None]],
+) -> None:
+    """Run ``spec``'s study until its budget (or the deadline) is used up."""
+    search.set_current(study)  # the study being tuned, as in the seed
+    best.consider_study(spec.label, study)
+    search.run(
+        study,
+        make_objective(spec, layout, judge, search, dense_accuracy),
+        deadline=deadline,
+        catch=(TrialFailed, OverBudget),
+        after_trial=make_reporter(
+            spec, best, judge, n_trials=search.n_trials, verbose=verbose, callbacks=callbacks
+        ),
+    )
 
 
 def make_objective(

@@ -22,9 +22,17 @@ from sketchtune.nn import INITS
 from sketchtune.plan import LayerPlan, SketchPlan
 from sketchtune.registry import SketchKind
 from sketchtune.select import select_layers, sketchable_layers
-from sketchtune.space import Categorical, ParamSpec
+from sketchtune.space import Categorical, Int, ParamSpec
 
-__all__ = ["ENABLED", "Group", "Strategy", "StudyLayout", "StudySpec", "check_configs"]
+__all__ = [
+    "ENABLED",
+    "Group",
+    "Strategy",
+    "StudyLayout",
+    "StudySpec",
+    "check_configs",
+    "fit_space",
+]
 
 Strategy = Literal["separate", "joint", "global"]
 
@@ -108,10 +116,26 @@ class StudyLayout:
     def _groups(
         self, model: nn.Module, configs: TuningConfigs, strategy: Strategy | None
     ) -> list[Group]:
+        if not len(configs):
+            raise ValueError(
+                "`configs` holds no LayerConfig; give at least one, e.g. "
+                "TuningConfigs([LayerConfig(['fc1'], 'auto')])."
+            )
         owner: dict[str, int] = {}
         groups: list[Group] = []
         for index, config in enumerate(configs):
-            names = select_layers(model, config.layer_names, where=f"configs[{index}].layer_names")
+            where = f"configs[{index}].layer_names"
+            if isinstance(config.layer_names, (list, tuple)) and not config.layer_names:
+                raise ValueError(
+                    f"`{where}` is empty: no layer names matched because none were given; "
+                    "name at least one layer, or give a regex / dict selector."
+                )
+            if isinstance(config.params, dict) and not config.params:
+                raise ValueError(
+                    f"configs[{index}] has no parameters to tune (params={{}}); give at least one, "
+                    "e.g. {'num_terms': 1, 'low_rank': Int(8, 64, step=8)}, or params='auto'."
+                )
+            names = select_layers(model, config.layer_names, where=where)
             for name in names:
                 if name in owner:
                     raise ValueError(
@@ -121,10 +145,22 @@ class StudyLayout:
                 owner[name] = index
             joint = strategy == "joint" or (strategy != "separate" and not config.separate)
             units = [names] if joint else [[n] for n in names]
-            groups.extend(self._group(unit, config, index) for unit in units)
+            narrowed: list[str] = []
+            for unit in units:
+                group, notes = self._group(unit, config, index)
+                groups.append(group)
+                narrowed.extend(notes)
+            if narrowed:
+                warn(
+                    f"configs[{index}].params allows values that some selected layers cannot "
+                    "take; those layers search only the values they can: "
+                    + "; ".join(narrowed)
+                    + "."
+                )
         return groups
 
-    def _group(self, names: list[str], config: LayerConfig, index: int) -> Group:
+    def _group(self, names: list[str], config: LayerConfig, index: int) -> tuple[Group, list[str]]:
+        """The group of ``names`` and, for the config's warning, how its space was narrowed."""
         kinds = {self.kinds[n] for n in names}
         if len(kinds) > 1:
             described = ", ".join(f"{n!r} ({self.kinds[n].describe(self.dense[n])})" for n in names)
@@ -146,11 +182,18 @@ class StudyLayout:
                 f"{where}: init={space['init']!r} starts from the dense weights, but the config has "
                 "copy_weights=False; use init='sketch' or copy_weights=True."
             )
+        given = dict(space)
+        for name in names:  # a joint group keeps the values valid for every member
+            space = fit_space(kind, self.dense[name], space, where=f"{where} for layer {name!r}")
         for name in names:
-            kind.check_space(self.dense[name], space, where=f"{where} for layer {name!r}")
             _warn_costly(kind, name, self.dense[name], space, where)
+        notes = [
+            f"{_members(names)} {param}={space[param]!r}"
+            for param in given
+            if space[param] is not given[param]
+        ]
         key = names[0] if len(names) == 1 else _joint_key(names)
-        return Group(key, names, kind, space, config.copy_weights)
+        return Group(key, names, kind, space, config.copy_weights), notes
 
     # -- questions about the layout ------------------------------------------------------
 
@@ -256,6 +299,78 @@ def check_configs(
         seed=0,
     )
     return [spec.label for spec in layout.specs]
+
+
+def fit_space(
+    kind: SketchKind, dense: nn.Module, space: Mapping[str, ParamSpec], *, where: str
+) -> dict[str, ParamSpec]:
+    """``space`` restricted to the values ``dense`` can take (one search range, many layer sizes).
+
+    A choice list keeps its valid members; an ``Int`` range is clipped to the
+    layer's limit on the same step grid (validators reject values above a
+    limit, so the valid values of a range are a prefix of it). Specs that need
+    no change are returned as they are (the same objects).
+
+    Raises:
+        ValueError: an unknown or missing parameter, or no valid value left for a parameter.
+    """
+    fitted: dict[str, ParamSpec] = {}
+    for param, spec in space.items():
+        fitted[param] = _fit_spec(kind, dense, param, spec, where) if param in kind.params else spec
+    kind.check_space(dense, fitted, where=where)  # names, and every value that remains
+    return fitted
+
+
+def _fit_spec(
+    kind: SketchKind, dense: nn.Module, param: str, spec: ParamSpec, where: str
+) -> ParamSpec:
+    def reason(value: Any) -> str | None:
+        return kind.validate(param, dense, value)
+
+    if isinstance(spec, Categorical):
+        valid = [c for c in spec.choices if reason(c) is None]
+        if len(valid) == len(spec.choices):
+            return spec
+        invalid = [c for c in spec.choices if c not in valid]
+        if not valid:
+            raise _nothing_left(kind, dense, param, spec, reason(invalid[0]), where)
+        if all(_is_number(c) for c in spec.choices) and min(invalid) > max(valid):
+            return Categorical(valid)  # values above this layer's limit
+        # not a size limit (0 ranks, an unknown init): wrong for every layer
+        raise ValueError(
+            f"{where}: {param}={spec!r} allows {invalid[0]!r}, which is not valid for "
+            f"{kind.describe(dense)}: {reason(invalid[0])}."
+        )
+    if isinstance(spec, Int):
+        grid = spec.grid()
+        if reason(grid[-1]) is None or reason(grid[0]) is not None:
+            if reason(grid[0]) is not None:
+                raise _nothing_left(kind, dense, param, spec, reason(grid[0]), where)
+            return spec
+        lo, hi = 0, len(grid) - 1  # grid[lo] is valid, grid[hi] is not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if reason(grid[mid]) is None else (lo, mid)
+        return Int(spec.low, grid[lo], step=spec.step, log=spec.log)
+    return spec  # Float and custom specs: checked exactly by check_space
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _nothing_left(
+    kind: SketchKind, dense: nn.Module, param: str, spec: ParamSpec, why: str | None, where: str
+) -> ValueError:
+    return ValueError(
+        f"{where}: {param}={spec!r} leaves no value that {kind.describe(dense)} can take "
+        f"({why}). Include values within that limit in the space, or select this layer in a "
+        "config of its own."
+    )
+
+
+def _members(names: list[str]) -> str:
+    return repr(names[0]) if len(names) == 1 else f"the joint group {names!r}"
 
 
 def _joint_auto_space(

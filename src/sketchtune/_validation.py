@@ -126,7 +126,7 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     import warnings
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    level = 1
+    level = 2  # stacklevel 2 is our caller, sys._getframe(1)
     frame = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame = frame.f_back  # type: ignore[assignment]

@@ -14,6 +14,11 @@ __all__ = ["LayerConfig", "TuningConfigs"]
 class LayerConfig:
     """Layers to sketch and the search space of their parameters.
 
+    Only types are checked here, as in the seed; whether the selector matches
+    anything and whether the values suit the selected layers is checked by
+    ``SKAutoTuner(...)`` (and the callback's setup), before any work. One range
+    may serve layers of different sizes: each layer searches the values it can take.
+
     Args:
         layer_names: a selector: a regex string (full match on the qualified
             name), a list of exact names (or ``.suffix``), a dict selector
@@ -49,8 +54,6 @@ class LayerConfig:
                 "`layer_names` must be a regex string, a list of names, a dict selector or a "
                 f"callable, got {layer_names!r} ({type(layer_names).__name__})."
             )
-        if isinstance(layer_names, (list, tuple)) and not layer_names:
-            raise ValueError("`layer_names` must name at least one layer, got [].")
         self.layer_names = list(layer_names) if isinstance(layer_names, tuple) else layer_names
         self.params: dict[str, ParamSpec] | str
         if isinstance(params, str):
@@ -58,10 +61,6 @@ class LayerConfig:
                 raise ValueError(f"`params` must be a dict of specs or 'auto', got {params!r}.")
             self.params = "auto"
         elif isinstance(params, Mapping):
-            if not params:
-                raise ValueError(
-                    "`params` is empty; give at least one parameter (e.g. {'low_rank': Int(8, 64)}) or 'auto'."
-                )
             specs: dict[str, ParamSpec] = {}
             for name, value in params.items():
                 if not isinstance(name, str):
@@ -146,8 +145,6 @@ class TuningConfigs:
                 raise TypeError(
                     f"`configs[{i}]` must be a LayerConfig or a dict, got {type(item).__name__}."
                 )
-        if not items:
-            raise ValueError("`configs` must hold at least one LayerConfig, got [].")
         self.configs = items
 
     def __iter__(self) -> Iterator[LayerConfig]:

@@ -34,17 +34,16 @@ from torch import nn
 
 from sketchtune._best import BestTracker, choose
 from sketchtune._builder import PlanBuilder
-from sketchtune._judge import Judge, TrialFailed
+from sketchtune._judge import Judge
 from sketchtune._objective import (
-    OverBudget,
-    make_objective,
-    make_reporter,
     quiet_optuna,
     resume_hint,
+    run_study,
     say,
     sigterm_as_interrupt,
+    warm_start,
 )
-from sketchtune._results_file import read_results, write_results
+from sketchtune._results import read_results, seed_layer_results, seed_results, write_results
 from sketchtune._studies import Strategy, StudyLayout, StudySpec, check_configs
 from sketchtune._trialinfo import TrialInfo
 from sketchtune._validation import check_choice, check_int, check_seed, warn
@@ -125,9 +124,11 @@ class SKAutoTuner:
         ...     optimization_eval_func="flops",
         ...     search_algorithm=OptunaSearch(n_trials=3, seed=0),
         ... )
-        >>> tuner.tune()
-        >>> sorted(tuner.best_params["0"].items())
+        >>> best = tuner.tune()
+        >>> sorted(best["0"]["params"].items())
         [('low_rank', 16), ('num_terms', 1)]
+        >>> tuner.best_params == {"0": best["0"]["params"]}
+        True
     """
 
     def __init__(
@@ -222,6 +223,7 @@ class SKAutoTuner:
         self.confirmation_log: list[dict[str, Any]] = []
         self._records: list[TrialRecord] | None = None
         self._optuna_studies: dict[str, optuna.Study] = {}
+        self._best_speed: float | None = None
 
     # ------------------------------------------------------------------ read-only views
 
@@ -264,12 +266,20 @@ class SKAutoTuner:
 
     # ------------------------------------------------------------------ tuning
 
-    def tune(self, *, callbacks: Sequence[Callable[[TrialRecord], None]] = ()) -> None:
+    def tune(
+        self, *, callbacks: Sequence[Callable[[TrialRecord], None]] = ()
+    ) -> dict[str, dict[str, Any]]:
         """Run the search. The model is left as it was; apply the result with :meth:`apply_best_params`.
 
         Args:
             callbacks: called with each finished trial's :class:`TrialRecord`
                 (for loggers and progress displays).
+
+        Returns:
+            The seed's per-layer mapping: for every tuned layer,
+            ``{"params": {...}, "accuracy": ..., "speed": ..., "score": ...}`` of the
+            kept plan (joint groups: each member gets the shared params); a layer
+            the kept plan leaves dense maps to ``{"params": None, ..., "score": -inf}``.
         """
         self.interrupted = False
         self.combination_log = []
@@ -283,31 +293,19 @@ class SKAutoTuner:
                 self._optuna_studies = {s.label: search.open_study(s.key) for s in self._studies}
                 try:
                     self._baseline()
+                    warm_start(search, self._layout, self._optuna_studies)
                     for spec in self._studies:
-                        study = self._optuna_studies[spec.label]
-                        if search.uses_default_sampler and not study.get_trials(deepcopy=False):
-                            # warm start: the most accurate plan first, so the sampler learns
-                            # early where the floor lies (its speed is then the one to beat)
-                            study.enqueue_trial(self._layout.most_accurate_params(spec))
-                    for spec in self._studies:
-                        study = self._optuna_studies[spec.label]
-                        search.set_current(study)  # the study being tuned, as in the seed
-                        best.consider_study(spec.label, study)
-                        search.run(
-                            study,
-                            make_objective(
-                                spec, self._layout, self._judge, search, self.dense_accuracy
-                            ),
+                        run_study(
+                            spec,
+                            self._optuna_studies[spec.label],
+                            self._layout,
+                            self._judge,
+                            search,
+                            best,
+                            dense_accuracy=self.dense_accuracy,
                             deadline=deadline,
-                            catch=(TrialFailed, OverBudget),
-                            after_trial=make_reporter(
-                                spec,
-                                best,
-                                self._judge,
-                                n_trials=search.n_trials,
-                                verbose=self.verbose,
-                                callbacks=callbacks,
-                            ),
+                            verbose=self.verbose,
+                            callbacks=callbacks,
                         )
                 except KeyboardInterrupt:
                     self.interrupted = True
@@ -316,6 +314,7 @@ class SKAutoTuner:
             self._finish(best)
         finally:
             self.evaluator.finish()
+        return self.layer_results
 
     def follow(self) -> None:
         """Run the evaluations another process announces, until it finishes (DDP followers).
@@ -362,6 +361,7 @@ class SKAutoTuner:
         )
         self.best_plan = decision.plan
         self.best_accuracy, self.best_speedup = decision.accuracy, decision.speedup
+        self._best_speed = decision.speed
         self.combination_log = decision.combination_log
         self.confirmation_log = decision.confirmation_log
 
@@ -373,6 +373,24 @@ class SKAutoTuner:
         if self.best_plan is None:
             return {}
         return {name: dict(layer.params) for name, layer in self.best_plan.items()}
+
+    @property
+    def layer_results(self) -> dict[str, dict[str, Any]]:
+        """What :meth:`tune` returns: ``{layer: {"params", "accuracy", "speed", "score"}}``."""
+        names = [name for group in self._layout.groups for name in group.names]
+        score = self.best_speedup if self.best_speedup is not None else self.best_accuracy
+        kept = {"accuracy": self.best_accuracy, "speed": self._best_speed, "score": score}
+        return seed_layer_results(names, self.best_plan or SketchPlan(), kept)
+
+    @property
+    def results(self) -> dict[str, list[dict[str, Any]]]:
+        """The seed's record of trials: each study's label -> its trials, in step with the dataframe.
+
+        A label is the layer's name, ``"a+b+c"`` for a joint group (every member
+        named) or ``"global"``; each trial is ``{"params", "accuracy", "speed", "score"}``.
+        """
+        labels = {g.key: "+".join(g.names) for g in self._layout.groups}
+        return seed_results(self.records, labels)
 
     def get_best_params(self) -> dict[str, dict[str, Any]]:
         """Same as :attr:`best_params`."""

@@ -1,10 +1,11 @@
-"""The JSON file of a tuning run's results (``save_tuning_results`` / ``load_tuning_results``)."""
+"""Results in the seed's forms (``tune()``'s return value, ``tuner.results``) and the results file."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,10 +14,48 @@ from sketchtune.evaluate import AccuracyFloor
 from sketchtune.plan import SketchPlan
 from sketchtune.results import TrialRecord, json_ready
 
-__all__ = ["LoadedResults", "read_results", "write_results"]
+__all__ = [
+    "LoadedResults",
+    "read_results",
+    "seed_layer_results",
+    "seed_results",
+    "write_results",
+]
 
 _RESULTS_TYPE = "sketchtune.TuningResults"
 _RESULTS_VERSION = 1
+
+
+def seed_layer_results(
+    names: Sequence[str], plan: SketchPlan, kept: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``{layer: {"params", **kept}}`` for layers in ``plan``; the others ``params=None``, score -inf."""
+    dense = {"accuracy": None, "speed": None, "score": -math.inf}
+    return {
+        name: (
+            {"params": dict(plan[name].params), **kept}
+            if name in plan
+            else {"params": None, **dense}
+        )
+        for name in names
+    }
+
+
+def seed_results(
+    records: Sequence[TrialRecord], labels: Mapping[str, str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each study's trials as ``{"params", "accuracy", "speed", "score"}``, under ``labels[study]``."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        out.setdefault(labels.get(record.layer_name, record.layer_name), []).append(
+            {
+                "params": dict(record.params),
+                "accuracy": record.accuracy,
+                "speed": record.speed,
+                "score": record.score,
+            }
+        )
+    return out
 
 
 @dataclass
