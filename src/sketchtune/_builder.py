@@ -13,7 +13,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,8 +86,7 @@ class PlanBuilder:
         if init in ("svd", "activation") and layer.copy_weights and init not in aids.factors:
             if init == "activation" and aids.calibration is None:
                 return aids  # not gathered (results loaded from a file): the kind falls back to svd
-            weight = cast(torch.Tensor, self.dense[name].weight).detach()
-            weight_t = weight.reshape(weight.shape[0], -1).t()
+            weight_t = kind_named(layer.type).weight_matrix(self.dense[name]).detach()
             aids.factors[init] = LowRankFactors.compute(
                 weight_t,
                 self._max_rank(name),
@@ -107,11 +106,11 @@ class PlanBuilder:
         handles = []
         for name in self.calibrate:
             dense = self.dense[name]
-            cov = InputCovariance(_fan_in(dense))
+            cov = InputCovariance(kinds[name].fan_in(dense))
             self.aids.setdefault(name, BuildAids()).calibration = cov
-            handles.append(
-                dense.register_forward_pre_hook(_covariance_hook(kinds[name], dense, cov))
-            )
+            hook = kinds[name].calibration_hook(dense, cov)
+            if hook is not None:
+                handles.append(dense.register_forward_pre_hook(hook))
         try:
             yield
         finally:
@@ -124,30 +123,6 @@ class PlanBuilder:
                 gathered.gram = reduce_sum(gathered.gram)
             gathered.count = int(reduce_sum(torch.tensor(float(gathered.count))).item())
         self.calibrated = True
-
-
-def _fan_in(dense: nn.Module) -> int:
-    weight = dense.weight
-    assert isinstance(weight, torch.Tensor)
-    return int(weight[0].numel())
-
-
-def _covariance_hook(
-    kind: SketchKind, dense: nn.Module, cov: InputCovariance
-) -> Callable[..., None]:
-    if hasattr(kind, "calibration_hook"):
-        return cast(Callable[..., None], kind.calibration_hook(dense, cov))
-
-    # TODO(restructure): the kinds own this once registry exposes calibration_hook
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not args or not isinstance(args[0], torch.Tensor):
-            return
-        if isinstance(dense, nn.Conv2d):
-            cov.update_conv(args[0], dense.kernel_size, dense.stride, dense.padding, dense.dilation)  # type: ignore[arg-type]
-        else:
-            cov.update(args[0])
-
-    return hook
 
 
 def _hashable(layer: LayerPlan) -> tuple[Any, ...]:

@@ -26,9 +26,10 @@ from sketchtune.evaluate import (
     NonFiniteMetric,
     RemoteTrial,
 )
-from sketchtune.measure import ShapeRecorder, interleaved_rates, layer_macs
+from sketchtune.flops import ShapeRecorder, plan_flops_speedup
+from sketchtune.measure import interleaved_rates
 from sketchtune.plan import SketchPlan, Swap
-from sketchtune.registry import SketchKind, kind_named
+from sketchtune.registry import SketchKind
 
 __all__ = ["Judge", "Outcome", "TrialFailed"]
 
@@ -151,20 +152,8 @@ class Judge:
         return self.speed_model is not None or self.evaluator.has_throughput
 
     def flops_speedup(self, plan: SketchPlan) -> float:
-        """FLOP-model speedup of the whole model with ``plan`` applied (needs recorded shapes)."""
-        dense_total = sketch_total = 0.0
-        for name, module in self.builder.dense.items():
-            shapes = self._shapes.shapes.get(name, ())
-            d, _ = layer_macs(module, shapes)
-            dense_total += d
-            if name in plan:
-                layer = plan[name]
-                sketch_total += kind_named(layer.type).sketch_macs(
-                    module, dict(layer.params), shapes
-                )
-            else:
-                sketch_total += d
-        return dense_total / sketch_total if sketch_total else 1.0
+        """FLOP-model speedup of the selected layers with ``plan`` applied (needs recorded shapes)."""
+        return plan_flops_speedup(self.builder.dense, self._shapes, plan)
 
     def timed_rates(self, plan: SketchPlan, rounds: int) -> tuple[list[float], list[float]]:
         """Throughput of the dense model and of ``plan``, interleaved, ``rounds`` each."""

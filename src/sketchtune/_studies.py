@@ -265,7 +265,7 @@ class StudyLayout:
             if spec.optional:
                 params[spec.param_name(group, ENABLED)] = True
             for name, param in group.space.items():
-                params[spec.param_name(group, name)] = _most_accurate(group.kind, name, param)
+                params[spec.param_name(group, name)] = group.kind.most_accurate(name, param)
         return params
 
     def first_values_plan(self) -> SketchPlan:
@@ -415,22 +415,3 @@ def _warn_costly(
 
 def _joint_key(names: list[str]) -> str:
     return "+".join(names) if len(names) <= 3 else f"{names[0]}+...+{names[-1]}[{len(names)}]"
-
-
-_ACCURACY_ORDER = ("activation", "svd", "softmax", "relu", "sketch")  # TODO(restructure): kinds
-
-
-def _most_accurate(kind: SketchKind, name: str, spec: ParamSpec) -> Any:
-    if hasattr(kind, "most_accurate"):
-        return kind.most_accurate(name, spec)
-    if isinstance(spec, Categorical):
-        choices = spec.choices
-        for preferred in _ACCURACY_ORDER:
-            if preferred in choices:
-                return preferred
-        numbers = [c for c in choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
-        return max(numbers) if numbers else choices[0]
-    try:
-        return spec.grid()[-1]
-    except ValueError:
-        return getattr(spec, "high", spec.first())
