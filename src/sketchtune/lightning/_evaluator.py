@@ -10,12 +10,12 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
@@ -28,75 +28,12 @@ from sketchtune.evaluate import (
     RemoteTrial,
     as_metric,
 )
+from sketchtune.lightning._early_stop import EarlyStop, batch_size
 from sketchtune.measure import synchronize
 from sketchtune.registry import is_sketched
 
 if TYPE_CHECKING:
     from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
-
-
-class _EarlyStop(Callback):
-    """Stops a trial's validation once its running metric proves the floor unreachable.
-
-    Needs ``validation_step`` to return the batch's value of the monitored metric
-    (``return {"val_acc": acc}``), a known metric range and a single validation
-    dataloader on a single process; otherwise it stays idle and the full
-    validation runs. The running value is the batch-size weighted mean, as
-    Lightning's epoch aggregation of ``self.log`` is.
-    """
-
-    def __init__(self, monitor: str, metric_range: tuple[float, float] | None) -> None:
-        self.monitor = monitor
-        self.metric_range = metric_range
-        self.floor = AccuracyFloor(None)
-        self._total = 0.0
-        self._seen = 0
-
-    def arm(self, floor: AccuracyFloor) -> None:
-        self.floor = floor
-        self._total = 0.0
-        self._seen = 0
-
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self.floor.value is None or self.metric_range is None or trainer.world_size > 1:
-            return
-        batches = trainer.num_val_batches
-        if len(batches) != 1 or not math.isfinite(batches[0]):
-            return
-        value = outputs.get(self.monitor) if isinstance(outputs, Mapping) else None
-        if value is None:
-            return
-        step_value = float(value)
-        low, high = self.metric_range
-        if not low <= step_value <= high:
-            self.metric_range = None  # not the metric we assumed; never stop early on it
-            return
-        size = _batch_size(batch)
-        self._total += step_value * size
-        self._seen += size
-        remaining = (int(batches[0]) - batch_idx - 1) * size
-        best = high if self.floor.mode == "max" else low
-        bound = (self._total + remaining * best) / (self._seen + remaining)
-        if not self.floor.feasible(bound):
-            raise FloorUnreachable(bound)
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 1
 
 
 class LightningEvaluator(Evaluator):
@@ -123,7 +60,7 @@ class LightningEvaluator(Evaluator):
         self.speed_batches = speed_batches
         self.warmup_batches = warmup_batches
         self.finetune_steps = finetune_steps
-        self.early_stop = _EarlyStop(monitor, metric_range)
+        self.early_stop = EarlyStop(monitor, metric_range)
         self._batches: list[Any] | None = None
         self._samples = 0
         self._train_iter: Iterator[Any] | None = None
@@ -157,6 +94,8 @@ class LightningEvaluator(Evaluator):
         self.early_stop.arm(floor)
         trainer.callback_metrics.pop(self.monitor, None)
         self.loop.run()
+        if self.early_stop.bound is not None:
+            raise FloorUnreachable(self.early_stop.bound)
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
             available = sorted(k for k in metrics if not k.startswith("sketchtune/"))
@@ -280,7 +219,7 @@ class LightningEvaluator(Evaluator):
                     "speed measurement found no batches in the predict/validation dataloader."
                 )
             self._batches = [self.trainer.strategy.batch_to_device(b) for b in batches]
-            self._samples = sum(_batch_size(b) for b in self._batches[self.warmup_batches :])
+            self._samples = sum(batch_size(b) for b in self._batches[self.warmup_batches :])
         return self._batches
 
     def _speed_loader(self) -> Any:

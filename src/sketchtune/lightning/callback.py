@@ -44,7 +44,10 @@ if TYPE_CHECKING:
     from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
     from torch import nn
 
-__all__ = ["PLAN_CHECKPOINT_KEY", "SketchTuneCallback"]
+__all__ = ["DEFAULT_MAX_ACCURACY_DROP", "PLAN_CHECKPOINT_KEY", "SketchTuneCallback"]
+
+#: the floor when neither ``accuracy_threshold`` nor ``max_accuracy_drop`` is given
+DEFAULT_MAX_ACCURACY_DROP = 0.01
 
 
 class SketchTuneCallback(Callback):
@@ -67,7 +70,9 @@ class SketchTuneCallback(Callback):
         monitor: the validation metric that measures accuracy.
         mode: ``"max"`` if higher is better (accuracy), ``"min"`` for a loss.
         accuracy_threshold: absolute floor on ``monitor``.
-        max_accuracy_drop: floor relative to the dense model (``0.01`` or ``"1%"``).
+        max_accuracy_drop: floor relative to the dense model (``0.01`` or ``"1%"``). When
+            neither this nor ``accuracy_threshold`` is given, the floor is
+            ``max_accuracy_drop=0.01`` (said in the run's log), never "any plan".
         n_trials: total trials of each study (kept across runs of the same study).
         timeout: seconds the search may take.
         sampler: an Optuna sampler (default TPE, seeded with ``seed``).
@@ -148,8 +153,12 @@ class SketchTuneCallback(Callback):
         self.monitor = monitor
         self.mode: Literal["max", "min"] = check_choice("mode", mode, ("max", "min"))
         check_floor_args(accuracy_threshold, max_accuracy_drop)
+        #: the floor was not given: max_accuracy_drop=DEFAULT_MAX_ACCURACY_DROP stands in
+        self.default_floor = accuracy_threshold is None and max_accuracy_drop is None
         self.accuracy_threshold = accuracy_threshold
-        self.max_accuracy_drop = max_accuracy_drop
+        self.max_accuracy_drop = (
+            DEFAULT_MAX_ACCURACY_DROP if self.default_floor else max_accuracy_drop
+        )
         self.n_trials = check_int("n_trials", n_trials, minimum=1)
         self.timeout = timeout
         self.sampler = sampler
@@ -295,6 +304,13 @@ class SketchTuneCallback(Callback):
                 "sketchtune: the model is already sketched by an earlier search; not searching again."
             )
             return
+        if self.default_floor:
+            rank_zero_info(
+                "sketchtune: no accuracy floor given; using max_accuracy_drop="
+                f"{DEFAULT_MAX_ACCURACY_DROP} (plans may lose at most {DEFAULT_MAX_ACCURACY_DROP} "
+                f"of the dense {self.monitor}). Set accuracy_threshold or max_accuracy_drop "
+                "to choose another floor."
+            )
         evaluator = LightningEvaluator(
             trainer,
             pl_module,
