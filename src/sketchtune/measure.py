@@ -39,13 +39,18 @@ Shape = tuple[int, ...]
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
-    """Wait for queued work on ``device`` (a no-op on the CPU)."""
+    """Wait for queued work on ``device`` (a no-op on the CPU and on ``meta``).
+
+    ``None`` means the current CUDA device, when CUDA has been initialized.
+    """
     dev = torch.device(device) if device is not None else None
     if dev is None or dev.type == "cuda":
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize(dev)
     elif dev.type == "mps" and hasattr(torch, "mps"):
         torch.mps.synchronize()
+    elif dev.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
+        torch.xpu.synchronize(dev)
 
 
 def time_interleaved(
@@ -57,21 +62,37 @@ def time_interleaved(
 ) -> list[list[float]]:
     """Time each callable ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
 
+    On the CPU each call is timed with ``time.perf_counter``. On an accelerator
+    (``device`` given, e.g. ``"cuda"``) at least one warm-up round always runs,
+    synchronized, because the first calls pay for lazy initialization, cuDNN and
+    cuBLAS autotuning and ``torch.compile``; each timed call then starts on an idle
+    device and is timed until its queued work has finished: with CUDA events on
+    the current stream for CUDA (host-side launch time included, since the
+    device is idle when the start event is recorded), with a synchronized clock
+    read elsewhere.
+
     Args:
         fns: zero-argument callables to compare.
         repeats: timed rounds; each round calls every function once.
         warmup: untimed rounds before the first timed one.
-        device: device to synchronize before each clock read (``None``: CUDA if initialized).
+        device: device the callables run on, synchronized around each timed call
+            (``None``: wall clock, synchronizing CUDA if it is initialized).
 
     Returns:
         One list of ``repeats`` durations in seconds per function, in input order.
     """
     repeats = check_int("repeats", repeats, minimum=1)
     warmup = check_int("warmup", warmup, minimum=0)
-    for _ in range(warmup):
+    dev = torch.device(device) if device is not None else None
+    accelerator = dev is not None and dev.type not in ("cpu", "meta")
+    for _ in range(max(warmup, 1) if accelerator else warmup):
         for fn in fns:
             fn()
+        if accelerator:
+            synchronize(dev)
     synchronize(device)
+    if dev is not None and dev.type == "cuda":
+        return _time_cuda_events(fns, repeats, dev)
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
@@ -79,6 +100,26 @@ def time_interleaved(
             fn()
             synchronize(device)
             times[i].append(time.perf_counter() - start)
+    return times
+
+
+def _time_cuda_events(
+    fns: Sequence[Callable[[], Any]], repeats: int, device: torch.device
+) -> list[list[float]]:
+    """:func:`time_interleaved`'s timed rounds on a CUDA device, with CUDA events."""
+    times: list[list[float]] = [[] for _ in fns]
+    with torch.cuda.device(device):
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                # Work fn queued on other streams must not spill into the next timed call.
+                torch.cuda.synchronize(device)
+                times[i].append(start.elapsed_time(end) / 1e3)  # milliseconds -> seconds
     return times
 
 
@@ -134,7 +175,9 @@ def measure_throughput(
 
     The model runs in eval mode under ``torch.inference_mode`` (its training
     flag is restored afterwards). ``example_input`` is passed as the single
-    positional argument, or unpacked when it is a tuple or list.
+    positional argument, or unpacked when it is a tuple or list, and must be on
+    the model's device. On an accelerator each call is timed until the device
+    has finished it (see :func:`time_interleaved`).
 
     Args:
         model: the model to time.
@@ -165,6 +208,14 @@ def measure_throughput(
         batch_size = int(first.shape[0])
     batch_size = check_int("batch_size", batch_size, minimum=1)
     device = _device_of(model)
+    # Only for a model wholly on one device: a model split over devices may take inputs anywhere.
+    placed = {t.device for t in (*model.parameters(), *model.buffers())}
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and len(placed) == 1 and arg.device not in placed:
+            raise ValueError(
+                f"`example_input` is on {arg.device} but the model is on {device}; move it "
+                f"first (example_input.to({str(device)!r})) so the timing measures the model."
+            )
     was_training = model.training
     model.eval()
     try:

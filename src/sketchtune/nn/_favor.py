@@ -76,6 +76,9 @@ def orthogonal_features(
     ``N(0, I)`` while rows of a block stay orthogonal. The QR runs in float64 so the
     float32 result does not depend on the LAPACK build.
     """
+    dtype = dtype or torch.get_default_dtype()
+    if torch.device(device or "cpu").type == "meta":  # shapes only: nothing drawn
+        return torch.empty((num_features, dim), dtype=dtype, device="meta")
     blocks = -(-num_features // dim)
     gauss = _sketch.gaussian_matrix(blocks * dim, dim, gen, dtype=torch.float32, device="cpu")
     q, r = torch.linalg.qr(gauss.view(blocks, dim, dim).double())
@@ -85,7 +88,7 @@ def orthogonal_features(
     features: Tensor = (
         rows * torch.linalg.vector_norm(norms.double(), dim=1, keepdim=True)
     ).float()
-    return features.to(device=device, dtype=dtype or torch.get_default_dtype())
+    return features.to(device=device, dtype=dtype)
 
 
 def projection_plans(

@@ -157,6 +157,9 @@ class LowRankFactors:
         w = weight_t.detach().to(torch.float64)
         d_in, d_out = w.shape
         rank = max(1, min(int(rank), d_in, d_out))
+        kind = "svd" if calibration is None else "activation"
+        if w.is_meta:  # deferred initialization (device="meta"): shapes only, nothing computed
+            return cls(w.new_empty(d_in, rank), w.new_empty(rank, d_out), kind)
         if calibration is None:
             u, s, vh = _truncated_svd(w, rank)
             root = s.sqrt()

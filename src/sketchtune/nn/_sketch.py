@@ -30,7 +30,7 @@ def resolve_seed(seed: int | None) -> int:
     checked = check_seed("seed", seed)
     if checked is not None:
         return checked
-    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64).item())
+    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64, device="cpu").item())
 
 
 def generator(seed: int) -> torch.Generator:
@@ -234,7 +234,7 @@ def initial_factors(
     u2 = sign_matrix(*u2_shape, low_rank, gen, dtype=dtype, device=target)
     if weight is None:
         # nn.Linear's and nn.Conv2d's kaiming_uniform_(a=sqrt(5)): bound 1/sqrt(fan_in).
-        weight = uniform((d_out, d_in), 1.0 / math.sqrt(d_in), gen, device="cpu")
+        weight = uniform((d_out, d_in), 1.0 / math.sqrt(d_in), gen, device=target)
     cdt = compute_dtype(dtype)
     w = weight.to(device=target, dtype=cdt)
     if transposed:

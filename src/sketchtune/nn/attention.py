@@ -39,8 +39,9 @@ class RandMultiHeadAttention(nn.Module):
       only ``0``/``-inf``) and causal masks (``is_causal=True``, or an ``(L, L)``
       mask with ``True``/``-inf`` strictly above the diagonal) are honoured exactly.
       Any other ``attn_mask`` is a ``ValueError``, never silently ignored.
-    - float32/float64/float16/bfloat16 and autocast: features and normalisation
-      run in at least float32. Memory beyond the ``(N, L, E)`` head outputs is a
+    - float32/float64/float16/bfloat16 on any device, and autocast (forward and
+      backward): the feature maps run in at least float32 (under autocast the
+      matrix products follow it). Memory beyond the ``(N, L, E)`` head outputs is a
       few ``(N, T, m)`` tensors (heads run one at a time).
     - Dropout (training only) drops key features, not attention weights (a
       matrix this layer never forms); each query's weights still sum to 1.
@@ -133,7 +134,7 @@ class RandMultiHeadAttention(nn.Module):
         self._packed = self.kdim == self.embed_dim and self.vdim == self.embed_dim
 
         e = self.embed_dim
-        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": _sketch.resolve_device(device), "dtype": dtype}
         gen = _sketch.generator(self.seed)
         self.register_buffer(
             "feature_matrix",
@@ -161,7 +162,7 @@ class RandMultiHeadAttention(nn.Module):
             e,
             e,
             bias=bias,
-            device=_sketch.resolve_device(device),
+            device=kw["device"],
             dtype=dtype,
         )
         self._reset_parameters(gen)

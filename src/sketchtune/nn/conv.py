@@ -26,7 +26,8 @@ class SKConv2d(nn.Module):
     ``[S1; U2]`` (learnable and fixed halves concatenated, a few hundred KB at
     most), the second is **one** batched matrix product with the
     ``C_out x 2Lk`` mix ``[U1 | S2] / (2L)`` that writes the output directly in
-    the input's memory format (NCHW or channels-last), bias fused.
+    the input's memory format (NCHW or channels-last), bias fused. Under
+    ``torch.autocast`` both stages run in the autocast dtype, like ``nn.Conv2d``.
 
     Stored tensors (``r = num_terms * low_rank``):
 
@@ -47,8 +48,10 @@ class SKConv2d(nn.Module):
         bias: whether to learn an additive bias.
         W_init: dense kernel ``(C_out, C_in, kh, kw)`` to sketch; ``None`` draws
             one like ``nn.Conv2d``'s default initialization.
-        dtype: parameter dtype.
-        device: parameter device.
+        dtype: parameter dtype (float32/64, float16, bfloat16); the initialization
+            math runs in at least float32 on ``device``.
+        device: parameter device; ``None`` is the default device, ``"meta"`` builds
+            the shapes only (nothing is drawn, computed or allocated).
         groups: only ``1`` is supported; anything else is an error.
         padding_mode: only ``"zeros"`` is supported; anything else is an error.
         seed: seed of this layer's random matrices (see ``SKLinear``).
@@ -267,18 +270,25 @@ class SKConv2d(nn.Module):
         block = max(1, _BLOCK_BYTES // max(1, r * ho * wo * x.element_size()))
         if block >= n:
             return self._forward_whole(x, kernels, mix)
-        out = torch.empty((n, self.out_channels, ho * wo), dtype=x.dtype, device=x.device)
+        out: torch.Tensor | None = None
         bias = self.bias.view(1, -1, 1) if self.bias is not None else None
         for start in range(0, n, block):
             h = F.conv2d(
                 x[start : start + block], kernels, None, self.stride, self.padding, self.dilation
             )
+            if out is None:
+                # Under autocast the convolution ran in half precision; out= variants are not
+                # autocast, so the output and the mix follow h's dtype (no-ops otherwise).
+                out = torch.empty((n, self.out_channels, ho * wo), dtype=h.dtype, device=x.device)
+                mix = mix.to(h.dtype)
+                bias = None if bias is None else bias.to(h.dtype)
             hm = h.view(h.shape[0], r, ho * wo)
             target = out[start : start + block]
             if bias is not None:
                 torch.baddbmm(bias, mix.expand(h.shape[0], -1, -1), hm, out=target)
             else:
                 torch.matmul(mix, hm, out=target)
+        assert out is not None  # block < n: the loop ran
         return out.view(n, self.out_channels, ho, wo)
 
     @torch.no_grad()

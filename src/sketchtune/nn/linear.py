@@ -32,7 +32,8 @@ class SKLinear(nn.Module):
     ``d_in d_out`` for the dense layer; no per-term loop, no temporary wider
     than ``2Lk``, and no dense ``d_in x d_out`` matrix is ever formed. Keeping
     the learnable and fixed blocks apart lets autograd skip the gradients of the
-    fixed blocks.
+    fixed blocks. Under ``torch.autocast`` the four GEMMs run in the autocast
+    dtype, forward and backward, like ``nn.Linear``'s.
 
     Shapes of the stored tensors (``r = num_terms * low_rank``):
 
@@ -49,8 +50,10 @@ class SKLinear(nn.Module):
         W_init: dense weight ``(out_features, in_features)`` to sketch. When
             ``None``, a weight is drawn like ``nn.Linear``'s default initialization.
         bias: whether to learn an additive bias.
-        dtype: parameter dtype.
-        device: parameter device.
+        dtype: parameter dtype (float32/64, float16, bfloat16); the initialization
+            math runs in at least float32 on ``device``.
+        device: parameter device; ``None`` is the default device, ``"meta"`` builds
+            the shapes only (nothing is drawn, computed or allocated).
         seed: seed of this layer's random matrices. The same seed gives
             bit-identical buffers on any device. ``None`` draws one from torch's
             global RNG (so ``torch.manual_seed`` makes it reproducible).
@@ -191,11 +194,15 @@ class SKLinear(nn.Module):
         h2 = torch.mm(x, self.U2)
         s = self._scale
         if self.bias is not None:
-            y = torch.addmm(self.bias, h1, self.U1, alpha=s)
-            y = y.addmm_(h2, self.S2, alpha=s)
+            y, beta = torch.addmm(self.bias, h1, self.U1, alpha=s), 1.0
         else:
-            y = torch.mm(h1, self.U1)
-            y = y.addmm_(h2, self.S2, beta=s, alpha=s)
+            y, beta = torch.mm(h1, self.U1), s
+        if y.dtype == h2.dtype == self.S2.dtype:
+            y = y.addmm_(h2, self.S2, beta=beta, alpha=s)  # accumulate in place, no temporary
+        else:
+            # Under autocast the products above ran in float16/bfloat16 while S2 is still
+            # float32; in-place ops are not autocast, the out-of-place one casts all three.
+            y = torch.addmm(y, h2, self.S2, beta=beta, alpha=s)
         return y.view((*shape[:-1], self.out_features))
 
     @torch.no_grad()
