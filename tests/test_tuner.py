@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from torch import nn
 
 from sketchtune import Categorical, Int, LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
+from sketchtune._confirm import ROUNDS
 from sketchtune.nn import SKLinear
 
 from .conftest import MLP, ConvNet
@@ -118,8 +119,8 @@ def test_speed_is_timed_interleaved_only_for_feasible_trials(mlp: MLP) -> None:
     )
     tuner.tune()
     # two feasible trials x 2 runs x (dense, sketch) interleaved, nothing for the infeasible one;
-    # then both feasible plans are re-timed once more to confirm the winner
-    assert calls == ["dense", "sketch"] * 4 + ["dense", "sketch"] * 4
+    # then both feasible plans are confirmed over ROUNDS interleaved rounds each
+    assert calls == ["dense", "sketch"] * 4 + ["dense", "sketch"] * 2 * ROUNDS
     assert len(tuner.confirmation_log) == 2
     df = tuner.get_results_dataframe()
     assert sorted(df.speedup.dropna()) == [3.0, 3.0]

@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from sketchtune._confirm import ROUNDS, Confirmation
 from sketchtune._judge import Judge, TrialFailed
 from sketchtune._trialinfo import TrialInfo
 from sketchtune.evaluate import Mode
@@ -61,7 +63,12 @@ class BestTracker:
 
 @dataclass
 class Decision:
-    """The plan the search keeps, with the figures that describe it."""
+    """The plan the search keeps, with the figures that describe it.
+
+    Attributes:
+        confirmation: the confirming measurement of the kept plan (timed speed only),
+            from :meth:`Confirmation.to_dict`.
+    """
 
     plan: SketchPlan
     accuracy: float | None = None
@@ -69,6 +76,7 @@ class Decision:
     combination_log: list[dict[str, Any]] = field(default_factory=list)
     confirmation_log: list[dict[str, Any]] = field(default_factory=list)
     speed: float | None = None
+    confirmation: dict[str, Any] | None = None
 
 
 def choose(
@@ -83,43 +91,42 @@ def choose(
 ) -> Decision:
     """The global winner, or the validated combination of per-study winners.
 
+    With a timed speed objective, the kept plan is the one whose confirming
+    measurement (:mod:`sketchtune._confirm`) shows it faster than the dense
+    model with confidence; when none does, the model stays dense.
+
     Args:
         bests: each study's best feasible record.
         studies: the Optuna studies searched (one, or one per layer/group).
-        records: every finished trial of every study (for re-measuring).
-        judge: evaluates plans (re-measures, combinations).
+        records: every finished trial of every study (candidates for confirmation).
+        judge: evaluates plans (confirmations, combinations).
         interrupted: the search was stopped by Ctrl-C (nothing more is evaluated).
         dense_accuracy: the baseline (to weigh accuracy lost against speed gained).
         say: where progress messages go.
     """
+    timed = judge.evaluator.has_throughput and judge.speed_model is None
     if not bests:
         say("no feasible configuration faster than the dense model was found; it stays dense.")
         return Decision(SketchPlan())
     if len(studies) == 1 or len(bests) == 1:
-        record = next(iter(bests.values()))
         study = studies[0] if len(studies) == 1 else None
         agreed = _agreed_best(study) if study is not None else None
-        confirmation: list[dict[str, Any]] = []
-        if agreed is not None:
-            record = agreed  # another worker already settled it for this study's trials
-        elif not interrupted and judge.evaluator.has_throughput and judge.speed_model is None:
-            record, confirmation = _confirm(record, records, judge, say)
-        if study is not None and not interrupted:
-            record = _agree_on_best(study, record)
-        decision = Decision(
-            SketchPlan(record.plan),
-            record.accuracy,
-            record.speedup,
-            [],
-            confirmation,
-            speed=record.speed,
-        )
-        say(f"best: {decision.plan!r} ({score_text(record)})")
+        if agreed is not None:  # another worker already settled it for this study's trials
+            decision = agreed
+        elif interrupted or not timed:
+            decision = _decision_of(next(iter(bests.values())))
+        else:
+            decision = _confirm_best(records, judge, say)
+        if study is not None and not interrupted and decision.plan:
+            decision = _agree_on_best(study, decision)
+        if decision.plan:
+            speed = f"speedup {decision.speedup:.2f}x at " if decision.speedup is not None else ""
+            say(f"best: {decision.plan!r} ({speed}accuracy {decision.accuracy:.4f})")
         return decision
     if interrupted:
         say("interrupted: the combined plan of the per-layer winners was not validated.")
         return Decision(_union(bests.values()))
-    return _validated_combination(bests, judge, dense_accuracy, say)
+    return _validated_combination(bests, judge, dense_accuracy, say, timed=timed)
 
 
 def score_text(record: TrialRecord) -> str:
@@ -128,48 +135,76 @@ def score_text(record: TrialRecord) -> str:
     return f"accuracy {record.accuracy:.4f}"
 
 
-def _confirm(
-    best: TrialRecord,
+def _decision_of(record: TrialRecord, confirmation: Confirmation | None = None) -> Decision:
+    if confirmation is None:
+        return Decision(
+            SketchPlan(record.plan), record.accuracy, record.speedup, speed=record.speed
+        )
+    return Decision(
+        SketchPlan(record.plan),
+        record.accuracy,
+        confirmation.speedup,
+        speed=statistics.median(confirmation.plan_rates),
+        confirmation=confirmation.to_dict(),
+    )
+
+
+def _confirm_best(
     records: Sequence[TrialRecord],
     judge: Judge,
     say: Callable[[str], None],
-    candidates: int = 3,
-) -> tuple[TrialRecord, list[dict[str, Any]]]:
-    """Re-measure the fastest feasible plans once more and keep the fastest.
+    *,
+    batch: int = 3,
+    limit: int = 6,
+) -> Decision:
+    """Confirm the fastest feasible plans, ``batch`` at a time, and keep the fastest confirmed.
 
-    A single timed measurement per trial is noisy, and the maximum of many noisy
-    measurements favours lucky ones (the winner's curse). The top ``candidates``
-    distinct plans are measured again, interleaved with the dense model; their
-    speedup is the mean of both measurements.
+    Candidates are the distinct feasible plans, fastest recorded speedup
+    first. When none of a batch is confirmed the next batch is tried, up to
+    ``limit`` plans; when none is confirmed at all, the model stays dense.
     """
     pool: dict[str, TrialRecord] = {}
     for record in sorted(records, key=lambda r: -(r.speedup or 0.0)):
         key = json.dumps(record.plan, sort_keys=True)
         if record.feasible and record.plan and (record.speedup or 0.0) > 1.0 and key not in pool:
             pool[key] = record
-        if len(pool) == candidates:
-            break
-    if len(pool) < 2:
-        return best, []
-    confirmed: list[TrialRecord] = []
-    for record in pool.values():
-        try:
-            outcome = judge.evaluate(SketchPlan(record.plan), None)
-        except TrialFailed:
-            continue
-        if outcome.feasible and outcome.speedup is not None:
-            speedup = (outcome.speedup + (record.speedup or outcome.speedup)) / 2
-            confirmed.append(dataclasses.replace(record, speedup=speedup, score=speedup))
-    log = [{"trial": r.trial, "layers": sorted(r.plan), "speedup": r.speedup} for r in confirmed]
-    if not confirmed:
-        return best, log
-    winner = max(confirmed, key=lambda r: r.speedup or 0.0)
-    if winner.trial != best.trial:
-        say(
-            f"re-measured the {len(confirmed)} fastest plans: trial {winner.trial} "
-            f"({winner.speedup:.2f}x) beats trial {best.trial}"
-        )
-    return winner, log
+    candidates = list(pool.values())[:limit]
+    log: list[dict[str, Any]] = []
+    for start in range(0, len(candidates), batch):
+        confirmed: list[tuple[TrialRecord, Confirmation]] = []
+        for record in candidates[start : start + batch]:
+            try:
+                confirmation = Confirmation.of(*judge.timed_rates(SketchPlan(record.plan), ROUNDS))
+            except TrialFailed as exc:
+                log.append(
+                    {"trial": record.trial, "layers": sorted(record.plan), "failed": str(exc)}
+                )
+                continue
+            log.append(
+                {
+                    "trial": record.trial,
+                    "layers": sorted(record.plan),
+                    "measured": record.speedup,
+                    **confirmation.to_dict(),
+                }
+            )
+            say(
+                f"confirming trial {record.trial} (measured {record.speedup:.2f}x): "
+                f"{confirmation.describe()} -> "
+                + ("confirmed" if confirmation.confirmed else "not confirmed")
+            )
+            if confirmation.confirmed:
+                confirmed.append((record, confirmation))
+        if confirmed:
+            record, confirmation = max(confirmed, key=lambda rc: rc[1].speedup)
+            decision = _decision_of(record, confirmation)
+            decision.confirmation_log = log
+            return decision
+    say(
+        f"none of the {len(candidates)} fastest feasible plan(s) was confirmed faster than the "
+        "dense model in a repeated interleaved measurement; the model stays dense."
+    )
+    return Decision(SketchPlan(), confirmation_log=log)
 
 
 def _validated_combination(
@@ -177,8 +212,14 @@ def _validated_combination(
     judge: Judge,
     dense_accuracy: float | None,
     say: Callable[[str], None],
+    *,
+    timed: bool,
 ) -> Decision:
-    """Evaluate the union of per-study winners; drop the least efficient until it passes."""
+    """Evaluate the union of per-study winners; drop the least efficient until it passes.
+
+    Passing means keeping the floor and, with a timed speed objective, a
+    confirmed speedup over the dense model.
+    """
     members = dict(bests)
     baseline = dense_accuracy if dense_accuracy is not None else 0.0
     log: list[dict[str, Any]] = []
@@ -186,7 +227,7 @@ def _validated_combination(
         plan = _union(members.values())
         reason = ""
         try:
-            outcome = judge.evaluate(plan, None)
+            outcome = judge.evaluate(plan, None, measure_speed=not timed)
         except TrialFailed as exc:
             outcome = None
             reason = str(exc)
@@ -196,26 +237,56 @@ def _validated_combination(
             "speedup": None,
             "feasible": False,
         }
+        confirmation = None
         if outcome is not None:
             step.update(
                 accuracy=outcome.accuracy, speedup=outcome.speedup, feasible=outcome.feasible
             )
+            if outcome.feasible and timed:
+                try:
+                    confirmation = Confirmation.of(*judge.timed_rates(plan, ROUNDS))
+                except TrialFailed as exc:
+                    reason = str(exc)
+                else:
+                    step.update(speedup=confirmation.speedup, confirmed=confirmation.confirmed)
         log.append(step)
-        if outcome is not None and outcome.feasible:
-            speed_text = f", speedup {outcome.speedup:.2f}x" if outcome.speedup is not None else ""
+        passes = outcome is not None and outcome.feasible
+        if passes and (confirmation is None or confirmation.confirmed) and not (timed and reason):
+            assert outcome is not None
+            speedup = confirmation.speedup if confirmation is not None else outcome.speedup
+            speed_text = f", speedup {speedup:.2f}x" if speedup is not None else ""
             say(
                 f"combined plan of {len(members)} study winner(s) passes: accuracy "
                 f"{outcome.accuracy:.4f} ({judge.floor.describe()}){speed_text}"
             )
-            return Decision(plan, outcome.accuracy, outcome.speedup, log, speed=outcome.speed)
-        what = f"accuracy {outcome.accuracy:.4f}" if outcome is not None else f"failed ({reason})"
+            return Decision(
+                plan,
+                outcome.accuracy,
+                speedup,
+                log,
+                speed=(
+                    statistics.median(confirmation.plan_rates)
+                    if confirmation is not None
+                    else outcome.speed
+                ),
+                confirmation=None if confirmation is None else confirmation.to_dict(),
+            )
+        if outcome is None or not outcome.feasible:
+            what = (
+                f"accuracy {outcome.accuracy:.4f}" if outcome is not None else f"failed ({reason})"
+            )
+            why = f"breaks the floor ({what}, {judge.floor.describe()})"
+        else:
+            assert confirmation is not None or reason
+            why = (
+                f"is not confirmed faster than the dense model ({confirmation.describe()})"
+                if confirmation is not None
+                else f"could not be timed ({reason})"
+            )
         drop = min(members, key=lambda label: _efficiency(members[label], judge, baseline))
-        say(
-            f"combined plan of {len(members)} winner(s) breaks the floor ({what}, "
-            f"{judge.floor.describe()}); backing off {drop!r}"
-        )
+        say(f"combined plan of {len(members)} winner(s) {why}; backing off {drop!r}")
         del members[drop]
-    say("no combination of per-layer winners keeps the floor; the model stays dense.")
+    say("no combination of per-layer winners keeps the floor faster; the model stays dense.")
     return Decision(SketchPlan(), combination_log=log)
 
 
@@ -242,28 +313,43 @@ def _finished(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
 
 
-def _agreed_best(study: optuna.Study) -> TrialRecord | None:
-    """The best plan a worker stored for the study's current set of finished trials, if any."""
+def _agreed_best(study: optuna.Study) -> Decision | None:
+    """The decision a worker stored for the study's current set of finished trials, if any."""
     stored = study.user_attrs.get(_STUDY_BEST)
     if not isinstance(stored, dict) or stored.get("finished") != _finished(study):
         return None
     try:
-        return TrialRecord(**stored["record"])
-    except (KeyError, TypeError):
+        data = stored["decision"]
+        return Decision(
+            SketchPlan.from_dict(data["plan"]),
+            data["accuracy"],
+            data["speedup"],
+            speed=data.get("speed"),
+            confirmation=data.get("confirmation"),
+        )
+    except (KeyError, TypeError, ValueError):
         return None
 
 
-def _agree_on_best(study: optuna.Study, record: TrialRecord) -> TrialRecord:
-    """Store ``record`` as the study's best unless a worker stored one first; return the stored one.
+def _agree_on_best(study: optuna.Study, decision: Decision) -> Decision:
+    """Store ``decision`` as the study's unless a worker stored one first; return the stored one.
 
     Workers sharing a study finish together (they wait for each other's last
-    trials), and re-measuring the fastest plans is noisy; this makes every
+    trials), and confirming the fastest plans is noisy; this makes every
     worker report the same plan.
     """
     agreed = _agreed_best(study)
     if agreed is not None:
         return agreed
-    study.set_user_attr(
-        _STUDY_BEST, {"finished": _finished(study), "record": json_ready(asdict(record))}
-    )
-    return _agreed_best(study) or record
+    data = {
+        "plan": decision.plan.to_dict(),
+        "accuracy": decision.accuracy,
+        "speedup": decision.speedup,
+        "speed": decision.speed,
+        "confirmation": decision.confirmation,
+    }
+    study.set_user_attr(_STUDY_BEST, {"finished": _finished(study), "decision": json_ready(data)})
+    stored = _agreed_best(study)
+    if stored is None:
+        return decision
+    return dataclasses.replace(stored, confirmation_log=decision.confirmation_log)

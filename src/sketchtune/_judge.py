@@ -156,9 +156,23 @@ class Judge:
         return plan_flops_speedup(self.builder.dense, self._shapes, plan)
 
     def timed_rates(self, plan: SketchPlan, rounds: int) -> tuple[list[float], list[float]]:
-        """Throughput of the dense model and of ``plan``, interleaved, ``rounds`` each."""
+        """Throughput of the dense model and of ``plan``, interleaved, ``rounds`` each.
+
+        Announced to DDP followers first (they time the same plan in lockstep).
+        """
+        self.evaluator.announce(
+            Command(plan.to_dict()["layers"], False, True, self._floor.value, rounds=rounds)
+        )
+        return self._timed_rates(plan, rounds)
+
+    def _timed_rates(self, plan: SketchPlan, rounds: int) -> tuple[list[float], list[float]]:
         swap = Swap(self.model, self.builder.build(plan))
-        return interleaved_rates(lambda: self.evaluator.throughput(self.model), swap, rounds=rounds)
+        try:
+            return interleaved_rates(
+                lambda: self.evaluator.throughput(self.model), swap, rounds=rounds
+            )
+        except NonFiniteMetric as exc:
+            raise TrialFailed(str(exc)) from None
 
     def _speed(self, swap: Swap, plan: SketchPlan) -> tuple[float | None, float | None]:
         """``(speed, speedup)`` of the swapped-in plan; the dense model is re-timed interleaved."""
@@ -234,6 +248,9 @@ class Judge:
             self._floor = AccuracyFloor(command.floor, self.mode)
             trial = REMOTE_TRIAL if command.has_trial else None
             try:
+                if command.rounds:
+                    self._timed_rates(SketchPlan(command.plan), command.rounds)
+                    continue
                 self.run(SketchPlan(command.plan), trial, measure_speed=command.measure_speed)
             except (TrialFailed, optuna.TrialPruned):
                 continue  # the coordinator records the outcome; followers just keep in step

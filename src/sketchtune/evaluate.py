@@ -158,6 +158,7 @@ class Command:
     has_trial: bool
     measure_speed: bool
     floor: float | None
+    rounds: int = 0  # > 0: time the plan against the dense model this many rounds, nothing else
 
 
 class Evaluator(ABC):

@@ -105,6 +105,10 @@ class SKAutoTuner:
         dense_accuracy: the dense model's accuracy (when it was measured).
         floor: the resolved :class:`AccuracyFloor`.
         interrupted: ``True`` when the last ``tune()`` was stopped by Ctrl-C.
+        confirmation: with a timed speed objective, the repeated interleaved measurement
+            that confirmed the kept plan (``speedup``, its bootstrap ``lower`` bound,
+            ``dense_throughput``, ``tuned_throughput``, ``rounds``); ``best_speedup`` is
+            its ``speedup``. A plan that is not confirmed faster is never kept.
         combination_log: the steps of the combined-plan validation.
 
     Example:
@@ -224,6 +228,7 @@ class SKAutoTuner:
         self._records: list[TrialRecord] | None = None
         self._optuna_studies: dict[str, optuna.Study] = {}
         self._best_speed: float | None = None
+        self.confirmation: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ read-only views
 
@@ -362,6 +367,7 @@ class SKAutoTuner:
         self.best_plan = decision.plan
         self.best_accuracy, self.best_speedup = decision.accuracy, decision.speedup
         self._best_speed = decision.speed
+        self.confirmation = decision.confirmation
         self.combination_log = decision.combination_log
         self.confirmation_log = decision.confirmation_log
 
