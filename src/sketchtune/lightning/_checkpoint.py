@@ -6,10 +6,11 @@ only this, :mod:`sketchtune.plan` and torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 from torch import nn
 
 from sketchtune.plan import SketchPlan, apply_plan
@@ -18,6 +19,8 @@ from sketchtune.registry import is_sketched
 __all__ = [
     "PLAN_CHECKPOINT_KEY",
     "STATE_PREFIX",
+    "PlanLoader",
+    "count_parameters",
     "drop_dense_optimizer_state",
     "drop_stale_optimizer_state",
     "plan_in",
@@ -108,3 +111,58 @@ def _has_sketched(module: nn.Module, name: str) -> bool:
         return is_sketched(module.get_submodule(name))
     except AttributeError:
         return False
+
+
+class PlanLoader:
+    """Lends a LightningModule an ``on_load_checkpoint`` that rebuilds the sketched layers first.
+
+    Lightning loads a checkpoint's weights (``restore_model``) right after the
+    LightningModule's ``on_load_checkpoint`` and before any callback hears of the
+    checkpoint, so the module's own hook is the only place where a tuned
+    checkpoint's plan can be applied in time. :class:`SketchedModule` has that
+    hook; a bare module gets this one (an instance attribute, removed again by
+    :meth:`detach`) while a Trainer with the callback runs it. The module's own
+    ``on_load_checkpoint`` still runs, after the plan is applied.
+
+    Args:
+        on_plan: called with the checkpoint's plan once it is in the model.
+    """
+
+    def __init__(self, on_plan: Callable[[SketchPlan], None]) -> None:
+        self.on_plan = on_plan
+        self.module: LightningModule | None = None
+
+    def attach(self, module: LightningModule) -> None:
+        """Lend ``module`` the hook (not when it already has one of its own on the instance)."""
+        if self.module is module or "on_load_checkpoint" in vars(module):
+            return
+        own = module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            self.load(module, checkpoint)
+            own(checkpoint)
+
+        module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        self.module = module
+
+    def detach(self) -> None:
+        """Take the hook back."""
+        if self.module is not None:
+            vars(self.module).pop("on_load_checkpoint", None)
+            self.module = None
+
+    def load(self, module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Apply the checkpoint's plan to ``module`` (if it is still dense there)."""
+        plan = plan_in(checkpoint)
+        if not plan:
+            return
+        dense = count_parameters(module)
+        if sketch_pending(module, plan):
+            # the optimizer is restored next: its saved state may be the dense model's
+            drop_dense_optimizer_state(checkpoint, dense, count_parameters(module))
+        self.on_plan(plan)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """How many parameter tensors ``module`` has (what an optimizer over it holds)."""
+    return sum(1 for _ in module.parameters())

@@ -77,3 +77,25 @@ def has_validation_batches(loop: _EvaluationLoop) -> bool:
     """Whether ``loop`` has batches to validate on (it sets up its dataloaders to find out)."""
     loop.setup_data()
     return not loop.skip
+
+
+def check_launcher(trainer: Trainer) -> None:
+    """Refuse strategies that run the search in child processes whose result never comes back.
+
+    Spawn-based launchers (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``, XLA)
+    return only the weights of rank 0 to the main process, loaded non-strictly:
+    the main process would keep a dense model whose sketched layers' weights
+    were dropped, and no plan.
+    """
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise ValueError(
+            f"SketchTuneCallback cannot search under the {type(trainer.strategy).__name__} "
+            f"strategy with its {type(launcher).__name__.lstrip('_')}: it runs the search in child "
+            "processes and hands only rank 0's weights back to the main process, so the main "
+            "process would get no plan and a dense model that lost the sketched layers' weights. "
+            "Use strategy='ddp' (every process runs your script), a single device, or launch "
+            "with torchrun."
+        )

@@ -23,7 +23,11 @@ from sketchtune._modes import restore_modes, save_modes
 from sketchtune._validation import check_choice, check_float, check_int, check_seed, warn
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.evaluate import check_floor_args
-from sketchtune.lightning._checkpoint import PLAN_CHECKPOINT_KEY
+from sketchtune.lightning._checkpoint import (
+    PLAN_CHECKPOINT_KEY,
+    PlanLoader,
+    drop_stale_optimizer_state,
+)
 from sketchtune.lightning._evaluator import LightningEvaluator
 from sketchtune.lightning._reporting import (
     Progress,
@@ -32,7 +36,12 @@ from sketchtune.lightning._reporting import (
     log_outcome,
     summarize,
 )
-from sketchtune.lightning._trainer_state import TrainerState, has_validation_batches
+from sketchtune.lightning._trainer_state import (
+    TrainerState,
+    check_launcher,
+    has_validation_batches,
+)
+from sketchtune.lightning.module import SketchedModule
 from sketchtune.measure import interleaved_rates
 from sketchtune.plan import SketchPlan, Swap
 from sketchtune.results import RunSummary
@@ -211,6 +220,7 @@ class SketchTuneCallback(Callback):
         self.summary: RunSummary | None = None
         self._searching = False
         self._next_log_step = 0  # loggers' steps continue past an earlier search's rows
+        self._plan_loader = PlanLoader(self._on_plan_loaded)
         self._modes: dict[nn.Module, bool] | None = None
 
     @property
@@ -236,11 +246,18 @@ class SketchTuneCallback(Callback):
         runs_here = (stage == TrainerFn.FITTING and self.run_on == "fit_end") or (
             stage == TrainerFn.VALIDATING and self.run_on == "validate"
         )
+        if runs_here:
+            check_launcher(trainer)
         if runs_here and not self.applied_plan:
             # Check the configs against this model now, not after hours of training.
             check_configs(
-                pl_module, self.configs, strategy=self.strategy, default_init=self.default_init
+                _tuned(pl_module),
+                self.configs,
+                strategy=self.strategy,
+                default_init=self.default_init,
             )
+        if not isinstance(pl_module, SketchedModule):  # SketchedModule reads plans itself
+            self._plan_loader.attach(pl_module)
         if stage == TrainerFn.VALIDATING and self.run_on == "validate":
             # validate() ends by restoring the mode it found; our nested runs would change
             # what it found, so remember the modes from before it started.
@@ -270,6 +287,7 @@ class SketchTuneCallback(Callback):
         if self._modes is not None and stage == TrainerFn.VALIDATING:
             restore_modes(self._modes)
             self._modes = None
+        self._plan_loader.detach()
 
     @override
     def on_save_checkpoint(
@@ -277,6 +295,8 @@ class SketchTuneCallback(Callback):
     ) -> None:
         if self.applied_plan is not None:
             checkpoint[PLAN_CHECKPOINT_KEY] = self.applied_plan.to_dict()
+            # the Trainer's optimizer may still hold the dense layers: a resumed fit starts fresh
+            drop_stale_optimizer_state(checkpoint, trainer.optimizers, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -296,9 +316,17 @@ class SketchTuneCallback(Callback):
         if plan is not None and self.best_plan is None:
             self.best_plan = SketchPlan.from_dict(plan)
 
+    def _on_plan_loaded(self, plan: SketchPlan) -> None:
+        """A tuned checkpoint's plan is in the model now: remember it, never search again."""
+        self.applied_plan = plan
+        if self.best_plan is None:
+            self.best_plan = plan
+
     # -- the search --------------------------------------------------------------------
 
     def _search(self, trainer: Trainer, pl_module: LightningModule, loop: _EvaluationLoop) -> None:
+        if isinstance(pl_module, SketchedModule) and pl_module.plan and not self.applied_plan:
+            self.applied_plan = pl_module.plan  # e.g. restored from a tuned checkpoint
         if self.applied_plan:  # a non-empty plan is in the model already
             rank_zero_info(
                 "sketchtune: the model is already sketched by an earlier search; not searching again."
@@ -324,7 +352,7 @@ class SketchTuneCallback(Callback):
         )
         search = self._search_settings()
         tuner = SKAutoTuner(
-            pl_module,
+            _tuned(pl_module),
             self.configs,
             evaluator,
             search_algorithm=search,
@@ -376,6 +404,8 @@ class SketchTuneCallback(Callback):
             if self.best_plan:
                 tuner.apply(self.best_plan)  # built as measured (activation statistics included)
             self.applied_plan = self.best_plan  # possibly empty: checkpoints then say "dense"
+            if isinstance(pl_module, SketchedModule):
+                pl_module.apply_plan(self.best_plan)  # its checkpoints carry the plan too
         self._next_log_step = log_trial.step + 1
         if trainer.is_global_zero:
             self.results = results = tuner.get_results_dataframe()
@@ -416,6 +446,11 @@ class SketchTuneCallback(Callback):
             lambda: evaluator.throughput(tuner.model), swap, rounds=rounds
         )
         return statistics.median(dense), statistics.median(tuned)
+
+
+def _tuned(pl_module: LightningModule) -> nn.Module:
+    """The model whose layers the configs name: a SketchedModule's wrapped module, else itself."""
+    return pl_module.module if isinstance(pl_module, SketchedModule) else pl_module
 
 
 def _check_range(value: Any) -> tuple[float, float] | None:

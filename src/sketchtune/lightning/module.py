@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from sketchtune.lightning._checkpoint import (
     PLAN_CHECKPOINT_KEY,
+    count_parameters,
     drop_dense_optimizer_state,
     drop_stale_optimizer_state,
     plan_in,
@@ -161,16 +162,12 @@ class SketchedModule(LightningModule):
                 "rebuilt: save it from a Trainer that ran SketchTuneCallback (or from a "
                 "SketchedModule), or load it into your dense model instead."
             )
-        dense = _count_parameters(self)
+        dense = count_parameters(self)
         self.apply_plan(plan)
         # a resumed fit restores the optimizer next: its saved state may be the dense model's
-        drop_dense_optimizer_state(checkpoint, dense, _count_parameters(self))
+        drop_dense_optimizer_state(checkpoint, dense, count_parameters(self))
         if checkpoint.get("state_dict"):
             # saved for the bare LightningModule (by SketchTuneCallback): add our prefix
             checkpoint["state_dict"] = with_prefix(checkpoint["state_dict"])
         if isinstance(self.module, LightningModule):
             self.module.on_load_checkpoint(checkpoint)
-
-
-def _count_parameters(module: nn.Module) -> int:
-    return sum(1 for _ in module.parameters())
