@@ -1,9 +1,13 @@
-"""Seeded random matrices shared by the sketched layers.
+"""What SKLinear and SKConv2d share: seeded random matrices, size checks, starting factors.
 
 Random draws always happen on the CPU in float32 from a ``torch.Generator``
 seeded per layer, and are then moved to the requested device and dtype. Two
 processes (or two DDP ranks) that build a layer with the same seed therefore get
-bit-identical buffers, whatever device they run on.
+bit-identical buffers, whatever device they run on; on ``meta`` nothing is drawn.
+:func:`initial_factors` computes a layer's four matrices (the seed's random-sign
+sketch, or a placed factorization, see :mod:`sketchtune.nn._lowrank`), in the
+orientation the layer stores them; :func:`initial_bias` and :func:`copy_bias` do
+the bias.
 """
 
 from __future__ import annotations
