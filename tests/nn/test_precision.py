@@ -133,6 +133,18 @@ def test_bf16_autocast_forward_and_backward_match_float32(built: Built) -> None:
         assert _relative_error(param.grad, expected_grads[name]) < 0.05, name
 
 
+def test_bf16_autocast_under_inference_mode(built: Built) -> None:
+    # Inference takes other paths (in-place and out= products) than autograd does.
+    layer = built.sketch(built.dense()).eval()
+    args = built.inputs(torch.float32)
+    with torch.inference_mode():
+        reference = _output(layer, args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _output(layer, args)
+    assert out.dtype == torch.bfloat16
+    assert _relative_error(out, reference) < 0.03
+
+
 def test_bf16_autocast_inference_of_a_large_conv_batch() -> None:
     # Batches whose 2Lk-channel intermediate exceeds ~1 MB run block by block (out= products,
     # which autocast does not cover); the result must match the whole-batch path.
