@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from sketchtune._modes import eval_mode, restore_modes, save_modes
+from sketchtune._modes import eval_mode
 from sketchtune.evaluate import (
     AccuracyFloor,
     Command,
@@ -29,8 +29,8 @@ from sketchtune.evaluate import (
     as_metric,
 )
 from sketchtune.lightning._early_stop import EarlyStop, batch_size
+from sketchtune.lightning._finetune import FineTuner, iterate, training_batches
 from sketchtune.measure import synchronize
-from sketchtune.registry import is_sketched
 
 if TYPE_CHECKING:
     from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
@@ -64,6 +64,7 @@ class LightningEvaluator(Evaluator):
         self._batches: list[Any] | None = None
         self._samples = 0
         self._train_iter: Iterator[Any] | None = None
+        self._epoch_length = 1
 
     # -- accuracy ----------------------------------------------------------------------
 
@@ -74,12 +75,10 @@ class LightningEvaluator(Evaluator):
             return self._validate(floor)
         # Per-trial fine-tuning: report the zero-shot, half-way and final accuracy to the pruner.
         checkpoints = sorted({0, self.finetune_steps // 2, self.finetune_steps})
-        done = 0
+        tuner = self._fine_tuner()
         value = math.nan
         for step in checkpoints:
-            if step > done:
-                self._finetune(step - done)
-                done = step
+            tuner.run(step - tuner.steps)
             value = self._validate(floor if step == self.finetune_steps else AccuracyFloor(None))
             prune = False
             if isinstance(trial, optuna.Trial):
@@ -109,70 +108,20 @@ class LightningEvaluator(Evaluator):
 
     # -- fine-tuning -------------------------------------------------------------------
 
-    def _finetune(self, steps: int) -> None:
-        """``steps`` optimizer steps on the sketched layers only, with the user's training_step."""
-        module = self.pl_module
-        sketched = [m for m in module.modules() if is_sketched(m)]
-        trainable = {id(p) for m in sketched for p in m.parameters()}
-        frozen = [p for p in module.parameters() if id(p) not in trainable and p.requires_grad]
-        modes = save_modes(module)
-        optimizer = _first_optimizer(module.configure_optimizers())
-        # training_step may self.log(); outside the Trainer's loops that would raise, and
-        # a trial's training curves are not the user's, so logging is silenced here.
-        saved_log = module.__dict__.get("log"), module.__dict__.get("log_dict")
-        module.log = _ignore  # type: ignore[method-assign]
-        module.log_dict = _ignore  # type: ignore[method-assign]
-        try:
-            for p in frozen:
-                p.requires_grad_(False)
-            module.eval()
-            for m in sketched:
-                m.train()
-            with torch.enable_grad(), torch.inference_mode(False):
-                for step in range(steps):
-                    batch = self.trainer.strategy.batch_to_device(next(self._training_batches()))
-                    with self.trainer.precision_plugin.train_step_context():
-                        out = module.training_step(batch, step)
-                    loss = out["loss"] if isinstance(out, dict) else out
-                    if not isinstance(loss, torch.Tensor):
-                        raise TypeError(
-                            "finetune_steps needs training_step to return the loss (a tensor or a "
-                            f"dict with 'loss'), got {type(out).__name__}."
-                        )
-                    loss.backward()
-                    if self.trainer.world_size > 1:
-                        for p in (p for m in sketched for p in m.parameters()):
-                            if p.grad is not None:
-                                p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="mean")
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-            restore_modes(modes)
-            for name, value in zip(("log", "log_dict"), saved_log, strict=True):
-                if value is None:
-                    module.__dict__.pop(name, None)
-                else:
-                    module.__dict__[name] = value
+    def finetune(self) -> float:
+        """Fine-tune the sketched layers in place as a trial does; their accuracy afterwards.
 
-    def _training_batches(self) -> Iterator[Any]:
+        Used once after the search, on the applied best plan, so that the model
+        left behind is a fine-tuned one and the accuracy reported is its own.
+        """
+        self._fine_tuner().run(self.finetune_steps)
+        return self._validate(AccuracyFloor(None))
+
+    def _fine_tuner(self) -> FineTuner:
+        """A new optimizer (and LR schedulers) over the model as it is now: one per trial."""
         if self._train_iter is None:
-            loader = self.trainer.train_dataloader
-            if loader is None:
-                source = (
-                    _datamodule(self.trainer)
-                    if _datamodule(self.trainer) is not None
-                    else self.pl_module
-                )
-                if not is_overridden("train_dataloader", source):
-                    raise ValueError(
-                        "finetune_steps > 0 needs training data: give the Trainer a datamodule or "
-                        "module with train_dataloader(), or set finetune_steps=0."
-                    )
-                loader = source.train_dataloader()
-            self._train_iter = itertools.cycle(_iterate(loader))
-        return self._train_iter
+            self._train_iter, self._epoch_length = training_batches(self.trainer, self.pl_module)
+        return FineTuner(self.trainer, self.pl_module, self._train_iter, self._epoch_length)
 
     # -- speed -------------------------------------------------------------------------
 
@@ -213,7 +162,7 @@ class LightningEvaluator(Evaluator):
         if self._batches is None:
             loader = self._speed_loader()
             wanted = self.warmup_batches + self.speed_batches
-            batches = list(itertools.islice(itertools.cycle(_iterate(loader)), wanted))
+            batches = list(itertools.islice(itertools.cycle(iterate(loader)), wanted))
             if not batches:
                 raise ValueError(
                     "speed measurement found no batches in the predict/validation dataloader."
@@ -267,30 +216,3 @@ class LightningEvaluator(Evaluator):
 
 def _datamodule(trainer: Trainer) -> Any:
     return getattr(trainer, "datamodule", None)
-
-
-def _iterate(loader: Any) -> Iterator[Any]:
-    """Batches of a DataLoader, or of the first of a list/dict of them."""
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0]
-    elif isinstance(loader, dict):
-        loader = next(iter(loader.values()))
-    return iter(loader)
-
-
-def _first_optimizer(config: Any) -> torch.optim.Optimizer:
-    """The first optimizer of whatever ``configure_optimizers`` returned."""
-    if isinstance(config, torch.optim.Optimizer):
-        return config
-    if isinstance(config, dict):
-        return _first_optimizer(config.get("optimizer"))
-    if isinstance(config, (list, tuple)) and config:
-        return _first_optimizer(config[0])
-    raise TypeError(
-        "finetune_steps > 0 needs configure_optimizers to return an optimizer (or a list/dict "
-        f"holding one), got {type(config).__name__}."
-    )
-
-
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None

@@ -9,7 +9,6 @@ restores the trainer afterwards, and applies and logs the result.
 from __future__ import annotations
 
 import os
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,22 +27,12 @@ from sketchtune.lightning._checkpoint import (
     PlanLoader,
     drop_stale_optimizer_state,
 )
-from sketchtune.lightning._evaluator import LightningEvaluator
-from sketchtune.lightning._reporting import (
-    Progress,
-    TrialLogger,
-    count_weights,
-    log_outcome,
-    summarize,
-)
+from sketchtune.lightning._search import run_search, tuned_module
 from sketchtune.lightning._trainer_state import (
-    TrainerState,
     check_launcher,
-    has_validation_batches,
 )
 from sketchtune.lightning.module import SketchedModule
-from sketchtune.measure import interleaved_rates
-from sketchtune.plan import SketchPlan, Swap
+from sketchtune.plan import SketchPlan
 from sketchtune.results import RunSummary
 from sketchtune.search import OptunaSearch
 from sketchtune.tuner import SKAutoTuner, check_configs
@@ -73,6 +62,14 @@ class SketchTuneCallback(Callback):
     model, callbacks, loggers, loop state and metrics are restored afterwards;
     then the best plan is applied (``apply_best``) and logged.
 
+    Checkpoints saved afterwards carry the plan. ``trainer.fit(MyModel(), dm,
+    ckpt_path="tuned.ckpt")`` on a Trainer with this callback (or with
+    :class:`SketchedModule`) rebuilds the sketched layers before the weights
+    load and goes on training them, without searching again. The model may be a
+    :class:`SketchedModule`; ``configs`` then name the layers of the module it wraps.
+    Under DDP use ``strategy="ddp"`` or torchrun: spawn-based strategies hand only
+    weights back to the main process, so they are refused before training starts.
+
     Args:
         configs: a :class:`TuningConfigs`, a :class:`LayerConfig`, or a list of
             them or of dicts (YAML): which layers, and the space of their parameters.
@@ -94,8 +91,12 @@ class SketchTuneCallback(Callback):
         speed_batches: timed batches per measurement.
         warmup_batches: untimed batches first.
         finetune_steps: optimizer steps of the user's ``training_step`` on the
-            sketched layers in each trial (their weights are discarded afterwards);
-            intermediate accuracies go to the pruner.
+            sketched layers in each trial, with one optimizer per trial from
+            ``configure_optimizers`` and its LR schedulers stepped as Lightning
+            steps them; intermediate accuracies go to the pruner. A trial's weights
+            are discarded; the plan applied at the end is fine-tuned once more the
+            same way, and ``best_accuracy`` (and the summary) is that model's
+            accuracy: what is reported is what is left behind.
         run_on: ``"fit_end"`` or ``"validate"``.
         apply_best: swap the best plan into the model after the search.
         seed: seed of the default sampler and of the sketches' random matrices.
@@ -251,7 +252,7 @@ class SketchTuneCallback(Callback):
         if runs_here and not self.applied_plan:
             # Check the configs against this model now, not after hours of training.
             check_configs(
-                _tuned(pl_module),
+                tuned_module(pl_module),
                 self.configs,
                 strategy=self.strategy,
                 default_init=self.default_init,
@@ -339,118 +340,25 @@ class SketchTuneCallback(Callback):
                 f"of the dense {self.monitor}). Set accuracy_threshold or max_accuracy_drop "
                 "to choose another floor."
             )
-        evaluator = LightningEvaluator(
-            trainer,
-            pl_module,
-            loop,
-            monitor=self.monitor,
-            speed=self.speed,
-            speed_batches=self.speed_batches,
-            warmup_batches=self.warmup_batches,
-            finetune_steps=self.finetune_steps,
-            metric_range=self.metric_range,
-        )
-        search = self._search_settings()
-        tuner = SKAutoTuner(
-            _tuned(pl_module),
-            self.configs,
-            evaluator,
-            search_algorithm=search,
-            accuracy_threshold=self.accuracy_threshold,
-            optimization_eval_func="flops" if self.speed == "flops" else None,
-            max_accuracy_drop=self.max_accuracy_drop,
-            strategy=self.strategy,
-            seed=self.seed,
-            mode=self.mode,
-            default_init=self.default_init,
-        )
-        self.tuner = tuner
-        state = TrainerState(trainer, loop)
-        loggers = list(trainer.loggers)
-        progress = (
-            Progress(trainer, self.n_trials * len(tuner.study_labels))
-            if trainer.is_global_zero
-            else None
-        )
-        log_trial = TrialLogger(loggers, start=max(trainer.global_step, self._next_log_step))
         self._searching = True
-        state.detach(hooks=[evaluator.early_stop])
         try:
-            if not has_validation_batches(loop):
-                raise ValueError(
-                    "SketchTuneCallback needs validation batches to measure accuracy; give the "
-                    "Trainer a val_dataloader and limit_val_batches > 0."
-                )
-            if trainer.is_global_zero:
-                callbacks = [log_trial] + ([progress.update] if progress is not None else [])
-                tuner.tune(callbacks=callbacks)
-            else:
-                tuner.follow()
+            found = run_search(
+                self,
+                trainer,
+                pl_module,
+                loop,
+                self._search_settings(),
+                log_step=max(trainer.global_step, self._next_log_step),
+            )
         finally:
-            if progress is not None:
-                progress.close()
-            state.restore()
             self._searching = False
-        plan_data = tuner.best_plan.to_dict() if tuner.best_plan is not None else None
-        if trainer.world_size > 1:
-            plan_data = trainer.strategy.broadcast(plan_data, src=0)
-        self.best_plan = SketchPlan.from_dict(plan_data) if plan_data is not None else SketchPlan()
-        self.best_speedup, self.best_accuracy = tuner.best_speedup, tuner.best_accuracy
-        self.dense_accuracy = tuner.dense_accuracy
-        self.study = search.study
-        dense_weights = count_weights(pl_module)
-        throughput = self._final_throughput(evaluator, tuner, self.best_plan)
+        self.tuner, self.study = found.tuner, found.search.study
+        self.best_plan, self.best_speedup = found.plan, found.speedup
+        self.best_accuracy, self.dense_accuracy = found.accuracy, found.tuner.dense_accuracy
+        self.results, self.summary = found.results, found.summary
+        self._next_log_step = found.next_log_step
         if self.apply_best:
-            if self.best_plan:
-                tuner.apply(self.best_plan)  # built as measured (activation statistics included)
-            self.applied_plan = self.best_plan  # possibly empty: checkpoints then say "dense"
-            if isinstance(pl_module, SketchedModule):
-                pl_module.apply_plan(self.best_plan)  # its checkpoints carry the plan too
-        self._next_log_step = log_trial.step + 1
-        if trainer.is_global_zero:
-            self.results = results = tuner.get_results_dataframe()
-            plan = self.best_plan or SketchPlan()
-            log_outcome(
-                tuner,
-                search,
-                results,
-                plan=plan,
-                speedup=self.best_speedup,
-                accuracy=self.best_accuracy,
-                monitor=self.monitor,
-                storage=self.storage,
-                loggers=loggers,
-                step=log_trial.step,
-            )
-            self.summary = summarize(
-                tuner,
-                search,
-                results,
-                plan=plan,
-                accuracy=self.best_accuracy,
-                monitor=self.monitor,
-                storage=self.storage,
-                dense_weights=dense_weights,
-                throughput=throughput,
-                output_dir=self.output_dir,
-            )
-
-    def _final_throughput(
-        self, evaluator: LightningEvaluator, tuner: SKAutoTuner, plan: SketchPlan, rounds: int = 5
-    ) -> tuple[float | None, float | None]:
-        """Dense and tuned throughput of ``plan``, interleaved, median of ``rounds`` (all ranks)."""
-        if self.speed != "measure" or not plan:
-            return None, None
-        swap = Swap(tuner.model, tuner.build(plan))
-        dense, tuned = interleaved_rates(
-            lambda: evaluator.throughput(tuner.model), swap, rounds=rounds
-        )
-        return statistics.median(dense), statistics.median(tuned)
-
-
-def _tuned(pl_module: LightningModule) -> nn.Module:
-    """The model whose layers the configs name: a SketchedModule's wrapped module, else itself."""
-    return pl_module.module if isinstance(pl_module, SketchedModule) else pl_module
+            self.applied_plan = found.plan  # possibly empty: checkpoints then say "dense"
 
 
 def _check_range(value: Any) -> tuple[float, float] | None:

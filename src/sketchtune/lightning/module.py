@@ -34,7 +34,14 @@ class SketchedModule(LightningModule):
     the sketched architecture on a fresh dense model *before* the weights load,
     and reproduces the saved model's outputs exactly. It also reads checkpoints
     that a Trainer with :class:`SketchTuneCallback` saved for the bare
-    LightningModule.
+    LightningModule, and ``trainer.fit(SketchedModule(MyModel()), ckpt_path=...)``
+    resumes training the sketched model (an optimizer state saved for the dense
+    layers is dropped, so the optimizer starts fresh; the loops' progress is kept).
+
+    A tuned checkpoint does not fit the dense architecture: ``MyModel.load_from_checkpoint``
+    fails with PyTorch's missing/unexpected keys. Load it with
+    ``SketchedModule.load_from_checkpoint(path, module=MyModel())``, or fit/validate
+    ``MyModel()`` with ``ckpt_path=`` on a Trainer that has the callback.
 
     Args:
         module: the model; a LightningModule, or an ``nn.Module`` (then only

@@ -1,0 +1,163 @@
+"""Fine-tuning a trial's sketched layers with the user's ``training_step``, optimizer and LR schedulers."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from sketchtune._modes import preserve_modes
+from sketchtune.registry import is_sketched
+
+__all__ = ["FineTuner", "iterate", "training_batches"]
+
+
+class FineTuner:
+    """Optimizer steps on the sketched layers only, with one optimizer for the whole trial.
+
+    ``configure_optimizers`` is called once, when the tuner is made, as Lightning
+    calls it once per fit; its first optimizer steps the sketched layers (every
+    other parameter is frozen meanwhile) and its LR schedulers are stepped as
+    Lightning steps them: ``interval="step"`` schedulers every ``frequency``
+    optimizer steps, ``interval="epoch"`` ones every ``frequency`` passes over the
+    training batches, plateau schedulers with their monitored metric when it
+    has been logged.
+
+    Args:
+        trainer: the Trainer whose strategy and precision the steps use.
+        pl_module: the LightningModule, with the trial's sketched layers in place.
+        batches: an endless iterator of training batches.
+        epoch_length: batches per epoch (for ``interval="epoch"`` schedulers).
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batches: Iterator[Any],
+        epoch_length: int,
+    ) -> None:
+        self.trainer = trainer
+        self.module = pl_module
+        self.batches = batches
+        self.epoch_length = max(1, epoch_length)
+        self.steps = 0
+        optimizers, self.schedulers = _init_optimizers_and_lr_schedulers(pl_module)
+        if not optimizers or not isinstance(optimizers[0], torch.optim.Optimizer):
+            raise TypeError(
+                "finetune_steps > 0 needs configure_optimizers to return an optimizer (or a "
+                f"list/dict holding one), got {optimizers!r}. Return one, or set finetune_steps=0."
+            )
+        self.optimizer = optimizers[0]
+        self.schedulers = [c for c in self.schedulers if c.scheduler.optimizer is self.optimizer]
+
+    def run(self, steps: int) -> None:
+        """``steps`` more optimizer steps of the user's ``training_step``."""
+        module = self.module
+        sketched = [m for m in module.modules() if is_sketched(m)]
+        trainable = {id(p) for m in sketched for p in m.parameters()}
+        frozen = [p for p in module.parameters() if id(p) not in trainable and p.requires_grad]
+        # training_step may self.log(); outside the Trainer's loops that would raise, and
+        # a trial's training curves are not the user's, so logging is silenced here.
+        saved_log = vars(module).get("log"), vars(module).get("log_dict")
+        module.log = _ignore  # type: ignore[method-assign]
+        module.log_dict = _ignore  # type: ignore[method-assign]
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            with preserve_modes(module), torch.enable_grad(), torch.inference_mode(False):
+                module.eval()
+                for m in sketched:
+                    m.train()
+                for _ in range(steps):
+                    self._step(sketched)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            for name, value in zip(("log", "log_dict"), saved_log, strict=True):
+                if value is None:
+                    vars(module).pop(name, None)
+                else:
+                    vars(module)[name] = value
+
+    def _step(self, sketched: list[torch.nn.Module]) -> None:
+        trainer = self.trainer
+        batch = trainer.strategy.batch_to_device(next(self.batches))
+        with trainer.precision_plugin.train_step_context():
+            out = self.module.training_step(batch, self.steps % self.epoch_length)
+        loss = out["loss"] if isinstance(out, dict) else out
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                "finetune_steps needs training_step to return the loss (a tensor or a dict with "
+                f"'loss'), got {type(out).__name__}."
+            )
+        loss.backward()
+        if trainer.world_size > 1:
+            for p in (p for m in sketched for p in m.parameters()):
+                if p.grad is not None:
+                    p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        self._update_schedulers()
+
+    def _update_schedulers(self) -> None:
+        epoch_end = self.steps % self.epoch_length == 0
+        epoch = self.steps // self.epoch_length
+        for config in self.schedulers:
+            if config.interval == "step":
+                due = self.steps % config.frequency == 0
+            else:
+                due = epoch_end and epoch % config.frequency == 0
+            if not due:
+                continue
+            metric = None
+            if config.reduce_on_plateau:
+                metric = self.trainer.callback_metrics.get(config.monitor or "")
+                if metric is None:
+                    continue  # nothing to compare yet; Lightning would wait for it too
+            self.module.lr_scheduler_step(config.scheduler, metric)
+
+
+def training_batches(trainer: Trainer, pl_module: LightningModule) -> tuple[Iterator[Any], int]:
+    """An endless iterator of training batches, and how many batches make an epoch."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        datamodule = getattr(trainer, "datamodule", None)
+        source = datamodule if datamodule is not None else pl_module
+        if not is_overridden("train_dataloader", source):
+            raise ValueError(
+                "finetune_steps > 0 needs training data: give the Trainer a datamodule or "
+                "module with train_dataloader(), or set finetune_steps=0."
+            )
+        loader = source.train_dataloader()
+    length = trainer.num_training_batches  # honours limit_train_batches after a fit
+    if not 0 < length < float("inf"):
+        try:
+            length = len(iterate_source(loader))
+        except TypeError:
+            length = 1
+    return itertools.cycle(iterate(loader)), int(length)
+
+
+def iterate_source(loader: Any) -> Any:
+    """The first DataLoader of a list/dict of them, or ``loader`` itself."""
+    if isinstance(loader, (list, tuple)):
+        return loader[0]
+    if isinstance(loader, dict):
+        return next(iter(loader.values()))
+    return loader
+
+
+def iterate(loader: Any) -> Iterator[Any]:
+    """Batches of a DataLoader, or of the first of a list/dict of them."""
+    return iter(iterate_source(loader))
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
