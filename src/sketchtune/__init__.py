@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "TuningConfigs": "sketchtune.config",
     "apply_plan": "sketchtune.plan",
     "estimate_speedup": "sketchtune.measure",
+    "export_plain": "sketchtune.export",
     "format_model_tree": "sketchtune.results",
     "measure_throughput": "sketchtune.measure",
     "register_kind": "sketchtune.registry",
@@ -64,6 +65,7 @@ __all__ = [
     "__version__",
     "apply_plan",
     "estimate_speedup",
+    "export_plain",
     "format_model_tree",
     "measure_throughput",
     "register_kind",
@@ -73,6 +75,7 @@ __all__ = [
 if TYPE_CHECKING:
     from sketchtune.config import LayerConfig, TuningConfigs
     from sketchtune.evaluate import AccuracyFloor, Evaluator
+    from sketchtune.export import export_plain
     from sketchtune.kinds import SketchKind
     from sketchtune.lightning.callback import SketchTuneCallback
     from sketchtune.lightning.cli import SketchTuneCLI

@@ -127,7 +127,10 @@ def _register_lazy(name: str, *, import_trigger: bool) -> None:
         kind_class = getattr(importlib.import_module(module_name), class_name)
         register_kind(kind_class())
     except ImportError as exc:
-        _LAZY_FAILED[name] = f"{trigger} could not be imported ({exc})"
+        _LAZY_FAILED[name] = (
+            f"it needs {trigger}, which could not be imported ({exc}); "
+            f"pip install 'sketchtune[{trigger}]'"
+        )
 
 
 def _ensure_lazy() -> None:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
+from sketchtune._validation import warn
 from sketchtune.registry import (
     SketchKind,
     kind_of,
@@ -38,7 +39,7 @@ from sketchtune.registry import (
     unsupported_reason,
 )
 
-__all__ = ["select_layers", "sketchable_layers"]
+__all__ = ["select_layers", "sketchable_layers", "unsupported_layers"]
 
 _DICT_KEYS = ("pattern", "type", "contains", "exclude", "indices", "range")
 
@@ -99,7 +100,72 @@ def select_layers(model: nn.Module, selector: Any, *, where: str = "layer_names"
         raise ValueError(
             f"`{where}`={selector!r} matched no sketchable layer. {_listing(candidates)}"
         )
+    skipped = _also_matched(model, selector)
+    if skipped:
+        warn(f"`{where}`={selector!r} {_skipped_text(skipped)}", UserWarning)
     return chosen
+
+
+def unsupported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the layers of ``model`` that no kind sketches, in model order.
+
+    A layer here is a module of a registered kind that declined it (a grouped
+    convolution), or a leaf module that holds a weight matrix (an ``Embedding``,
+    an ``nn.Conv1d``, a ``Conv1D`` while transformers is not imported). Modules
+    inside a sketchable or sketched layer are not listed.
+    """
+    found: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in inside):
+            continue
+        if swapped_whole(module):
+            inside.append(name + ".")
+            if kind_of(module) is None and sketch_of(module) is None:
+                found.append((name, module))
+        elif next(module.children(), None) is None and any(
+            p.dim() >= 2 for p in module.parameters(recurse=False)
+        ):
+            found.append((name, module))
+    return found
+
+
+def _also_matched(model: nn.Module, selector: Any) -> list[tuple[str, nn.Module]]:
+    """The layers that ``selector`` matches but that cannot be sketched (so stay dense)."""
+    others = unsupported_layers(model)
+    if isinstance(selector, str):
+        regex = re.compile(selector)
+        return [(n, m) for n, m in others if regex.fullmatch(n)]
+    if isinstance(selector, (list, tuple)):
+        return [(n, m) for n, m in others if any(_matches_name(n, str(k)) for k in selector)]
+    if isinstance(selector, dict):
+        filters = {k: v for k, v in selector.items() if k not in ("indices", "range")}
+        placeholder = cast(SketchKind, None)
+        kept = _by_dict(model, [(n, m, placeholder) for n, m in others], filters, "selector")
+        return [(n, m) for n, m in others if n in kept]
+    return [(n, m) for n, m in others if _accepts(selector, n, m)]
+
+
+def _accepts(selector: Any, name: str, module: nn.Module) -> bool:
+    try:
+        return bool(selector(name, module))
+    except Exception:  # a filter written for sketchable layers may not expect these
+        return False
+
+
+def _skipped_text(skipped: list[tuple[str, nn.Module]]) -> str:
+    """One line: how many, which types, why, e.g. ``also matches 2 ... : 2 Embedding (...)``."""
+    by_type: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in skipped:
+        by_type.setdefault(type(module).__name__, []).append((name, module))
+    parts = [
+        f"{len(items)} {type_name} (e.g. {items[0][0]!r}: {unsupported_reason(items[0][1])})"
+        for type_name, items in by_type.items()
+    ]
+    return (
+        f"also matches {len(skipped)} layer(s) that cannot be sketched and stay dense: "
+        f"{'; '.join(parts)}."
+    )
 
 
 def _compile(pattern: Any, where: str) -> re.Pattern[str]:

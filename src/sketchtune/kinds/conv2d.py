@@ -38,7 +38,14 @@ class Conv2dKind(LowRankKind):
     def unsupported(self, dense: nn.Module) -> str | None:
         assert isinstance(dense, nn.Conv2d)
         if dense.groups != 1:
-            return f"grouped convolutions (groups={dense.groups}) are not sketched"
+            # Per group the kernel maps C_in/groups*kh*kw values to C_out/groups channels
+            # (a depthwise 3x3: 9 -> 1); no rank below that saves compute.
+            return (
+                f"grouped convolutions (groups={dense.groups}) are not sketched: each group "
+                f"maps {dense.in_channels // dense.groups * math.prod(dense.kernel_size)} "
+                f"inputs to {dense.out_channels // dense.groups} channel(s), too few for a "
+                "low-rank sketch to save compute"
+            )
         if dense.padding_mode != "zeros":
             return f"padding_mode={dense.padding_mode!r} is not supported (only 'zeros')"
         return None
