@@ -185,9 +185,10 @@ class Judge:
             lambda: self.evaluator.throughput(self.model), swap, rounds=self.runs
         )
         dense, speed = statistics.median(dense_runs), statistics.median(sketch_runs)
-        if dense <= 0:
-            raise TrialFailed(
-                f"optimization_eval_func returned {dense} for the dense model; speeds must be > 0"
+        if dense <= 0:  # every trial would fail the same way: stop the search, not the trial
+            raise ValueError(
+                f"the speed function returned {dense} for the dense model; speeds must be > 0 "
+                "(higher is faster, e.g. samples per second)."
             )
         return speed, speed / dense
 

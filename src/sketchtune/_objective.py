@@ -8,17 +8,24 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from sketchtune._best import BestTracker, score_text
 from sketchtune._judge import Judge, Outcome, TrialFailed
 from sketchtune._studies import StudyLayout, StudySpec
-from sketchtune._trialinfo import TrialInfo, constraint_of, finished_twin, set_constraint
+from sketchtune._trialinfo import (
+    TrialInfo,
+    constraint_of,
+    finished_twin,
+    frozen_params_key,
+    set_constraint,
+)
 from sketchtune.results import TrialRecord, record_from_trial
 from sketchtune.search import OptunaSearch, redact
 
@@ -109,7 +116,7 @@ def make_objective(
             TrialInfo(skipped="the study's budget was used up by other workers").write(trial)
             raise OverBudget
         plan = layout.suggest(spec, trial)
-        twin = finished_twin(trial, search.snapshot)
+        twin = finished_twin(trial, search.snapshot) or _await_running_twin(trial, search)
         if twin is not None:
             dataclasses.replace(TrialInfo.of(twin), duplicate_of=twin.number).write(trial)
             set_constraint(trial, constraint_of(twin))
@@ -141,6 +148,36 @@ def make_objective(
         return outcome.value(judge.mode)
 
     return objective
+
+
+def _await_running_twin(trial: optuna.Trial, search: OptunaSearch) -> FrozenTrial | None:
+    """Another worker's RUNNING trial with the same parameters, once it has finished.
+
+    Workers sharing a study may be asked for the same parameters at once; rather
+    than measuring them twice, the later trial waits for the earlier one (as long
+    as the storage's heartbeat would keep a live trial alive) and reuses its result.
+    Returns ``None`` when there is no such trial, or it did not complete.
+    """
+    if search.storage is None:
+        return None  # one process per in-memory study
+    key = frozen_params_key(trial.params)
+    running = [
+        t.number
+        for t in search.snapshot
+        if t.state == TrialState.RUNNING
+        and t.number < trial.number
+        and frozen_params_key(t.params) == key
+    ]
+    if not running:
+        return None
+    wait = float(search.grace_period or 2 * (search.heartbeat_interval or 10)) * 3
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        for other in trial.study.get_trials(deepcopy=False):
+            if other.number in running and other.state != TrialState.RUNNING:
+                return finished_twin(trial, [other])
+        time.sleep(0.2)
+    return None
 
 
 def make_reporter(
@@ -228,13 +265,17 @@ def quiet_optuna() -> Iterator[None]:
     """Silence Optuna's per-trial INFO lines (the tuner reports trials itself) for the duration."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    optuna_logger = logging.getLogger("optuna")
+    # a logger's filters see only the records made on it: failed trials are logged by
+    # optuna.study._optimize, so the filter goes there (and on optuna's own logger)
+    loggers = [logging.getLogger("optuna"), logging.getLogger("optuna.study._optimize")]
     filt = _DropOurFailures()
-    optuna_logger.addFilter(filt)
+    for logger in loggers:
+        logger.addFilter(filt)
     try:
         yield
     finally:
-        optuna_logger.removeFilter(filt)
+        for logger in loggers:
+            logger.removeFilter(filt)
         optuna.logging.set_verbosity(verbosity)
 
 

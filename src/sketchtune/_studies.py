@@ -135,7 +135,9 @@ class StudyLayout:
                     f"configs[{index}] has no parameters to tune (params={{}}); give at least one, "
                     "e.g. {'num_terms': 1, 'low_rank': Int(8, 64, step=8)}, or params='auto'."
                 )
-            names = select_layers(model, config.layer_names, where=where)
+            names = _without_tied(
+                model, select_layers(model, config.layer_names, where=where), config, where
+            )
             for name in names:
                 if name in owner:
                     raise ValueError(
@@ -353,6 +355,45 @@ def _fit_spec(
             lo, hi = (mid, hi) if reason(grid[mid]) is None else (lo, mid)
         return Int(spec.low, grid[lo], step=spec.step, log=spec.log)
     return spec  # Float and custom specs: checked exactly by check_space
+
+
+def _without_tied(model: nn.Module, names: list[str], config: LayerConfig, where: str) -> list[str]:
+    """``names`` less the layers whose weights are tied to another module's (a sketch would untie them).
+
+    Naming such a layer explicitly is an error; a pattern that matches one skips
+    it with a warning.
+    """
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(module_name)
+    tied: dict[str, str] = {}
+    for name in names:
+        for param in model.get_submodule(name)._parameters.values():
+            others = (
+                [o for o in owners.get(id(param), []) if o != name] if param is not None else []
+            )
+            if others:
+                tied[name] = others[0]
+                break
+    if not tied:
+        return names
+    listed = ", ".join(f"{n!r} (tied to {o!r})" for n, o in tied.items())
+    if isinstance(config.layer_names, (list, tuple)):
+        raise ValueError(
+            f"`{where}` names {listed}: these layers share their weights with another module, "
+            "and a sketch would silently untie them. Leave them out of the selection, or untie "
+            "the weights first (e.g. clone the shared parameter)."
+        )
+    warn(
+        f"`{where}` matches {listed}, whose weights are tied to another module; they stay dense "
+        "(a sketch would silently untie them)."
+    )
+    remaining = [n for n in names if n not in tied]
+    if not remaining:
+        raise ValueError(f"`{where}` matches only layers with tied weights ({listed}).")
+    return remaining
 
 
 def _is_number(value: Any) -> bool:

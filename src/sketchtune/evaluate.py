@@ -178,6 +178,11 @@ class Evaluator(ABC):
     #: whether ``throughput`` is implemented
     has_throughput: bool = False
 
+    @property
+    def metric_name(self) -> str | None:
+        """The name of the accuracy metric (a Lightning ``monitor``), recorded in the study."""
+        return getattr(self, "monitor", None)
+
     def announce(self, command: Command) -> None:  # noqa: B027 - an optional hook
         """Called by the coordinating process before each evaluation (no-op by default)."""
 
@@ -245,7 +250,16 @@ class NonFiniteMetric(ValueError):
 
 
 def as_metric(value: Any, source: str) -> float:
-    """``value`` as a float; NaN/inf raise :class:`NonFiniteMetric`, other types ``TypeError``."""
+    """``value`` as a float; NaN/inf raise :class:`NonFiniteMetric`, other types ``TypeError``.
+
+    Numbers, numpy scalars and one-element tensors are accepted; strings and
+    bools are not (``"0.38"`` or ``True`` is a bug in the evaluation, not a metric).
+    """
+    if isinstance(value, (str, bytes, bool)) or str(getattr(value, "dtype", "")) in (
+        "bool",
+        "torch.bool",
+    ):
+        raise TypeError(f"{source} must return a number, got {value!r} ({type(value).__name__}).")
     try:
         number = float(value)
     except (TypeError, ValueError):

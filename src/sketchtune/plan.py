@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from sketchtune._atomic import write_text_atomic
 from sketchtune._validation import warn
 from sketchtune.registry import (
     BuildAids,
@@ -37,6 +38,7 @@ __all__ = ["LayerPlan", "SketchPlan", "Swap", "apply_plan"]
 
 PLAN_TYPE = "sketchtune.SketchPlan"
 PLAN_VERSION = 1
+_LAYER_KEYS = frozenset({"type", "params", "seed", "copy_weights", "dense"})
 
 
 @dataclass(frozen=True)
@@ -70,24 +72,40 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str) -> LayerPlan:
+        """Read one layer's entry strictly: known keys only, exact types, no coercion."""
         if not isinstance(data, dict):
             raise ValueError(f"{where} must be an object with type/params/seed, got {data!r}.")
         missing = [k for k in ("type", "params", "seed") if k not in data]
         if missing:
             raise ValueError(f"{where} lacks {missing}; got keys {sorted(data)}.")
-        kind_named(str(data["type"]))  # unknown types are an error here, not at apply time
-        if not isinstance(data["params"], dict):
+        unknown = sorted(set(data) - _LAYER_KEYS)
+        if unknown:
+            raise ValueError(
+                f"{where} has unknown key(s) {unknown}; a layer entry holds only "
+                f"{sorted(_LAYER_KEYS)}."
+            )
+        if not isinstance(data["type"], str):
+            raise ValueError(f"{where}.type must be a string, got {data['type']!r}.")
+        kind_named(data["type"])  # unknown types are an error here, not at apply time
+        if not isinstance(data["params"], dict) or not all(
+            isinstance(k, str) for k in data["params"]
+        ):
             raise ValueError(f"{where}.params must be an object, got {data['params']!r}.")
         seed = data["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"{where}.seed must be a non-negative int, got {seed!r}.")
+        copy_weights = data.get("copy_weights", True)
+        if not isinstance(copy_weights, bool):
+            raise ValueError(f"{where}.copy_weights must be true or false, got {copy_weights!r}.")
         dense = data.get("dense")
+        if dense is not None and not isinstance(dense, str):
+            raise ValueError(f"{where}.dense must be a string, got {dense!r}.")
         return cls(
-            type=str(data["type"]),
+            type=data["type"],
             params=dict(data["params"]),
             seed=seed,
-            copy_weights=bool(data.get("copy_weights", True)),
-            dense=None if dense is None else str(dense),
+            copy_weights=copy_weights,
+            dense=dense,
         )
 
 
@@ -152,12 +170,20 @@ class SketchPlan(Mapping[str, LayerPlan]):
             got = data.get("_type") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"not a sketchtune plan: expected _type={PLAN_TYPE!r}, got {got!r}.")
         version = data.get("_version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ValueError(f"plan has no valid _version, got {version!r}.")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(
+                f"plan has no valid _version, got {version!r}; this sketchtune reads version "
+                f"{PLAN_VERSION}."
+            )
         if version > PLAN_VERSION:
             raise ValueError(
                 f"plan format version {version} was written by a newer sketchtune; this one reads "
                 f"version {PLAN_VERSION}. Upgrade sketchtune to load it."
+            )
+        unknown = sorted(set(data) - {"_type", "_version", "layers"})
+        if unknown:
+            raise ValueError(
+                f"plan has unknown key(s) {unknown}; a plan holds only _type, _version and layers."
             )
         layers = data.get("layers")
         if not isinstance(layers, dict):
@@ -173,9 +199,8 @@ class SketchPlan(Mapping[str, LayerPlan]):
         return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the plan as JSON to ``path``."""
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(self.to_json() + "\n")
+        """Write the plan as JSON to ``path``, atomically (a failed write keeps the old file)."""
+        write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SketchPlan:
@@ -202,10 +227,13 @@ class Swap:
 
     def __init__(self, model: nn.Module, replacements: Mapping[str, nn.Module]) -> None:
         self._entries: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
+        slots = _slots(model)
         for name, new in replacements.items():
             parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            self._entries.append((parent, attr, getattr(parent, attr), new))
+            original = getattr(model.get_submodule(parent_name), attr)
+            # every attribute path that holds the module (``m.b = m.a``) gets the sketch
+            for parent, slot in slots.get(id(original), [(model.get_submodule(parent_name), attr)]):
+                self._entries.append((parent, slot, original, new))
         # model-level switches the kinds ask for while their sketches are in (e.g. the
         # nested-tensor fast path of nn.TransformerEncoder, which reads dense weights)
         self._overrides = swap_overrides(model, replacements)
@@ -237,16 +265,29 @@ class Swap:
         self.restore()
 
 
+def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``id(module) -> [(parent, attribute), ...]`` for every place a submodule is held."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                slots.setdefault(id(child), []).append((parent, attr))
+    return slots
+
+
 def build_replacements(
     model: nn.Module,
     plan: SketchPlan,
     *,
     build: Callable[[SketchPlan], dict[str, nn.Module]] | None = None,
+    bounded: bool = True,
 ) -> dict[str, nn.Module]:
     """Check ``plan`` against ``model`` and build every sketched layer, changing nothing in ``model``.
 
     ``build`` replaces the default construction (the tuner passes its own, which
     reuses input statistics and factorizations); the checks are the same.
+    ``bounded`` refuses sketches that would store more values than the layer they
+    replace (plans from files and checkpoints; the tuner's own plans may explore them).
 
     Raises:
         ValueError: a layer is missing, has another type or size than the plan was
@@ -283,6 +324,8 @@ def build_replacements(
                 f"{kind.describe(module)} there; use the plan with the model it was tuned on."
             )
         kind.check_params(module, layer.params, where=f"plan[{name!r}]")
+        if bounded:  # a plan from a file or checkpoint: never bigger than the layer
+            kind.check_size(module, layer.params, where=f"plan[{name!r}]")
         if build is None:
             # one warning for the whole plan below, not one per layer
             built[name] = kind.build(
@@ -306,7 +349,10 @@ def build_replacements(
 
 
 def apply_plan(
-    model: nn.Module, plan: SketchPlan | Mapping[str, Any] | str | os.PathLike[str]
+    model: nn.Module,
+    plan: SketchPlan | Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    bounded: bool = True,
 ) -> nn.Module:
     """Replace the layers named in ``plan`` with their sketched versions, in place.
 
@@ -319,11 +365,13 @@ def apply_plan(
     Args:
         model: a dense model of the architecture the plan was made for.
         plan: a :class:`SketchPlan`, its ``to_dict()`` form, or a path to its JSON file.
+        bounded: refuse sketches that would store more values than the layer they
+            replace (a plan from a file must not make us allocate more than the model).
 
     Returns:
         ``model`` itself, with the sketched layers in place.
     """
-    Swap(model, build_replacements(model, as_plan(plan))).apply()
+    Swap(model, build_replacements(model, as_plan(plan), bounded=bounded)).apply()
     return model
 
 

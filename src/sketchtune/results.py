@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import TrialState
 from torch import nn
 
+from sketchtune._redact import redact
 from sketchtune._trialinfo import TrialInfo
 from sketchtune.plan import SketchPlan
 from sketchtune.registry import kind_of, sketch_of, swapped_whole
@@ -352,7 +353,7 @@ class RunSummary:
 
     def dashboard_hint(self) -> str:
         if self.storage and "://" in self.storage:
-            return f"Browse the study: optuna-dashboard {self.storage}"
+            return f"Browse the study: optuna-dashboard {redact(self.storage)}"
         return "The study is in memory; pass storage='sqlite:///tune.db' to browse it with optuna-dashboard."
 
 

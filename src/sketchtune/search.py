@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,10 +27,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sketchtune._redact import redact
 from sketchtune._trialinfo import TrialInfo, counts_against_budget
-from sketchtune._validation import check_choice, check_float, check_int, check_seed
+from sketchtune._validation import check_bool, check_choice, check_float, check_int, check_seed
 
-__all__ = ["OptunaSearch"]
+__all__ = ["OptunaSearch", "redact"]
 
 
 class OptunaSearch:
@@ -109,6 +109,17 @@ class OptunaSearch:
         self.grace_period = (
             None if grace_period is None else check_int("grace_period", grace_period, minimum=1)
         )
+        if (
+            self.grace_period is not None
+            and self.heartbeat_interval is not None
+            and self.grace_period <= self.heartbeat_interval
+        ):
+            raise ValueError(
+                f"`grace_period`={self.grace_period} must exceed `heartbeat_interval`="
+                f"{self.heartbeat_interval}: a live trial beats only every heartbeat_interval "
+                "seconds, so a shorter grace period fails trials that are still running. Use "
+                f"grace_period >= {2 * self.heartbeat_interval} (or leave it None for that default)."
+            )
         self.max_retry = check_int("max_retry", max_retry, minimum=0)
         self.uses_default_sampler = sampler is None
         self.sampler = sampler if sampler is not None else default_sampler(seed, self.n_trials)
@@ -116,7 +127,7 @@ class OptunaSearch:
         self.direction = direction
         self.study_name = study_name
         self.storage = storage
-        self.load_if_exists = bool(load_if_exists)
+        self.load_if_exists = check_bool("load_if_exists", load_if_exists)
         self.study: optuna.Study | None = None
         self.studies: dict[str, optuna.Study] = {}
         self._storage_obj: optuna.storages.BaseStorage | None = None
@@ -151,6 +162,10 @@ class OptunaSearch:
                 max_retry=self.max_retry,
             )
         return self._storage_obj
+
+    def check_storage(self) -> None:
+        """Open the storage now (a wrong URL or a missing driver is an error before any work)."""
+        self.open_storage()
 
     def study_name_for(self, key: str | None) -> str | None:
         if key is None:
@@ -320,10 +335,7 @@ def open_rdb_storage(
             {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period, key: retry}
         )
     try:
-        with warnings.catch_warnings():
-            # heartbeats are "experimental" in Optuna's terms; sketchtune relies on them on purpose
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, **kwargs)
+        storage = _create_rdb_storage(url, kwargs)
     except Exception as exc:  # sqlalchemy raises many types; the message is what matters
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
@@ -334,6 +346,25 @@ def open_rdb_storage(
     if url.startswith("sqlite"):
         _fast_sqlite(storage)
     return storage
+
+
+# Several workers creating the schema of a new database at once: all but one lose the race.
+_SCHEMA_RACE = ("alembic_version", "already exists", "database is locked", "UniqueViolation")
+
+
+def _create_rdb_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """``RDBStorage(url, **kwargs)``, retried when another process is creating the same schema."""
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                # heartbeats are "experimental" in Optuna's terms; sketchtune relies on them on purpose
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as exc:  # noqa: PERF203 - a handful of retries at start-up
+            if attempt == 4 or not any(mark in str(exc) for mark in _SCHEMA_RACE):
+                raise
+            time.sleep(0.2 * (attempt + 1))  # the winner finishes creating the tables
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
@@ -349,10 +380,3 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
 
     sqlalchemy.event.listen(storage.engine, "connect", on_connect)
     storage.engine.dispose()  # reconnect with the pragmas
-
-
-def redact(storage: object) -> object:
-    """The storage for messages: URLs without their password."""
-    if isinstance(storage, str):
-        return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", storage)
-    return storage if storage is None else type(storage).__name__

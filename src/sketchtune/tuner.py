@@ -23,6 +23,7 @@ winner) and ``_trialinfo`` (the record kept on each trial).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from torch import nn
 
 from sketchtune._best import BestTracker, choose
 from sketchtune._builder import PlanBuilder
+from sketchtune._fingerprint import check_fingerprint, fingerprint
 from sketchtune._judge import Judge
 from sketchtune._objective import (
     quiet_optuna,
@@ -198,6 +200,13 @@ class SKAutoTuner:
         self.seed = base if base is not None else (self.search_algorithm.seed or 0)
 
         # Resolve everything that can be wrong before any trial runs.
+        on_meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+        if on_meta is not None:
+            raise ValueError(
+                f"`model` has parameters on the meta device (e.g. {on_meta!r}): it holds no "
+                "weights to evaluate or sketch. Load the trained weights first "
+                "(model.to_empty(device=...) + load_state_dict, or load_state_dict(..., assign=True))."
+            )
         self._layout = StudyLayout(
             model,
             self.configs,
@@ -296,6 +305,18 @@ class SKAutoTuner:
         try:
             with quiet_optuna(), sigterm_as_interrupt():
                 self._optuna_studies = {s.label: search.open_study(s.key) for s in self._studies}
+                for spec in self._studies:
+                    check_fingerprint(
+                        self._optuna_studies[spec.label],
+                        fingerprint(
+                            spec,
+                            self._layout,
+                            strategy=self.strategy,
+                            metric=self.evaluator.metric_name,
+                            mode=self.mode,
+                        ),
+                        storage=search.storage,
+                    )
                 try:
                     self._baseline()
                     warm_start(search, self._layout, self._optuna_studies)
@@ -316,7 +337,12 @@ class SKAutoTuner:
                     self.interrupted = True
                     self._say(resume_hint(search))
             self._records = None
-            self._finish(best)
+            try:
+                self._finish(best)
+            except KeyboardInterrupt:  # during a confirmation or the combination check
+                self.interrupted = True
+                self._say(resume_hint(search))
+                self._finish(best)  # nothing more is measured once interrupted
         finally:
             self.evaluator.finish()
         return self.layer_results
@@ -331,20 +357,24 @@ class SKAutoTuner:
         self._judge.follow()
 
     def _baseline(self) -> None:
-        """The dense accuracy (measured, or stored in the study by an earlier run) and the floor."""
-        stored = [
+        """The dense accuracy (measured; on resume, compared with the study's) and the floor."""
+        stored: list[float] = [
             study.user_attrs[_STUDY_DENSE]
             for study in self._optuna_studies.values()
             if _STUDY_DENSE in study.user_attrs
         ]
-        if stored and not (self._builder.calibrate and not self._builder.calibrated):
-            self.dense_accuracy = float(stored[0])
-            self._say(f"dense accuracy {self.dense_accuracy:.6g} (stored in the study)")
-        else:
-            self.dense_accuracy = self._judge.dense_accuracy()
-            for study in self._optuna_studies.values():
+        self.dense_accuracy = self._judge.dense_accuracy()
+        self._say(f"dense accuracy {self.dense_accuracy:.6g}")
+        if stored and not math.isclose(self.dense_accuracy, stored[0], rel_tol=1e-4, abs_tol=1e-6):
+            raise ValueError(
+                f"the dense model scores {self.dense_accuracy:.6g} now, but the study recorded "
+                f"{stored[0]:.6g} when it was created: the model, the validation data or the "
+                "accuracy function changed since, so its trials do not describe this search. "
+                "Use a new study_name, or resume with the same model and evaluation."
+            )
+        for study in self._optuna_studies.values():
+            if _STUDY_DENSE not in study.user_attrs:
                 study.set_user_attr(_STUDY_DENSE, self.dense_accuracy)
-            self._say(f"dense accuracy {self.dense_accuracy:.6g}")
         floor = self._judge.resolve_floor(
             self.dense_accuracy, threshold=self.accuracy_threshold, max_drop=self.max_accuracy_drop
         )
@@ -364,7 +394,10 @@ class SKAutoTuner:
             dense_accuracy=self.dense_accuracy,
             say=self._say,
         )
-        self.best_plan = decision.plan
+        # a plan only ever sketches layers selected in this run
+        self.best_plan = SketchPlan(
+            {n: layer for n, layer in decision.plan.items() if n in self._layout.dense}
+        )
         self.best_accuracy, self.best_speedup = decision.accuracy, decision.speedup
         self._best_speed = decision.speed
         self.confirmation = decision.confirmation
@@ -418,12 +451,13 @@ class SKAutoTuner:
         factorizations gathered during the search, so ``init="activation"``
         layers are the ones that were measured.
         """
-        Swap(self.model, build_replacements(self.model, plan, build=self.build)).apply()
+        replacements = build_replacements(self.model, plan, build=self.build, bounded=False)
+        Swap(self.model, replacements).apply()
         return self.model
 
     def replace_without_tuning(self) -> nn.Module:
         """Swap in every selected layer with the first value of each parameter space, untuned."""
-        return apply_plan(self.model, self._layout.first_values_plan())
+        return apply_plan(self.model, self._layout.first_values_plan(), bounded=False)
 
     @property
     def records(self) -> list[TrialRecord]:

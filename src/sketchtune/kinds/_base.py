@@ -136,6 +136,14 @@ class SketchKind:
                     f"{where}: {name}={value!r} is not valid for {self.describe(dense)}: {reason}."
                 )
 
+    def check_size(self, dense: nn.Module, params: Mapping[str, Any], *, where: str) -> None:
+        """Raise ``ValueError`` if the sketch would store more values than ``dense`` does.
+
+        Applied to plans read from files and checkpoints (the tuner may explore
+        costly values; a file must not make us allocate more than the layer it
+        replaces). The default checks nothing; kinds with a size model override it.
+        """
+
     def check_space(self, dense: nn.Module, space: Mapping[str, ParamSpec], *, where: str) -> None:
         """Raise ``ValueError`` unless every value ``space`` can produce is valid for ``dense``."""
         missing = self._check_names(dense, space, where=where)

@@ -9,7 +9,7 @@ layers are the same code for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -92,6 +92,21 @@ class LowRankKind(SketchKind):
             "low_rank": Categorical(ranks[-8:]),
             "init": Categorical(["activation", "svd"]),
         }
+
+    def check_size(self, dense: nn.Module, params: Mapping[str, Any], *, where: str) -> None:
+        d_in, d_out = self.io(dense)
+        terms, rank = params.get("num_terms"), params.get("low_rank")
+        if not isinstance(terms, int) or not isinstance(rank, int):
+            return  # check_params reports wrong types
+        # S1, U2: d_in x Lk each; U1, S2: Lk x d_out each; the bias is the same as the dense one's
+        limit = (d_in * d_out) // (2 * (d_in + d_out))
+        if terms * rank > max(limit, 1):
+            raise ValueError(
+                f"{where}: num_terms={terms}, low_rank={rank} make a sketch of "
+                f"{2 * terms * rank * (d_in + d_out):,} values, more than the {d_in * d_out:,} of "
+                f"{self.describe(dense)} it replaces; a plan read from a file or checkpoint may "
+                f"not do that. For this layer num_terms * low_rank must be at most {max(limit, 1)}."
+            )
 
     def dense_macs(self, dense: Any, shapes: CallShapes) -> float:
         d_in, d_out = self.io(dense)

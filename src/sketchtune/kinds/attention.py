@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +40,22 @@ class AttentionKind(SketchKind):
     def describe(self, dense: nn.Module) -> str:
         assert isinstance(dense, nn.MultiheadAttention)
         return f"MultiheadAttention(embed_dim={dense.embed_dim}, num_heads={dense.num_heads})"
+
+    def check_size(self, dense: nn.Module, params: Mapping[str, Any], *, where: str) -> None:
+        assert isinstance(dense, nn.MultiheadAttention)
+        m = params.get("num_random_features")
+        if not isinstance(m, int):
+            return  # check_params reports wrong types
+        # the features add m x head_dim values to the projections (4 E^2, as in the dense layer)
+        head_dim = dense.embed_dim // dense.num_heads
+        limit = 4 * dense.embed_dim * dense.embed_dim // head_dim
+        if m > limit:
+            raise ValueError(
+                f"{where}: num_random_features={m} makes a feature matrix of {m * head_dim:,} "
+                f"values, more than the {4 * dense.embed_dim**2:,} of {self.describe(dense)}'s "
+                "projections; a plan read from a file or checkpoint may not do that. For this "
+                f"layer num_random_features must be at most {limit}."
+            )
 
     def auto_space(self, dense: nn.Module) -> dict[str, ParamSpec]:
         return {
