@@ -24,6 +24,7 @@ from sketchtune import (
     TuningConfigs,
     apply_plan,
     estimate_speedup,
+    export_plain,
     format_model_tree,
     select_layers,
 )
@@ -175,6 +176,9 @@ def test_an_outside_kind_is_tuned_end_to_end_and_reloads() -> None:
     fresh.load_state_dict(tuned.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(X), tuned(X))
+        plain = export_plain(fresh)  # the kind's fold
+        assert not any(isinstance(m, LowRankAffine) for m in plain.modules())
+        torch.testing.assert_close(plain(X), tuned(X), rtol=1e-5, atol=1e-5)
 
 
 def _with_head(layer_speedup: float) -> float:
@@ -232,19 +236,20 @@ def test_each_kind_answers_its_type_specific_questions() -> None:
     assert cov.count == 2 * 8 * 8  # one row per output position
 
 
-def test_the_encoder_switch_comes_from_the_kinds_and_is_restored() -> None:
+def test_the_transformer_fast_path_switches_come_from_the_kinds_and_are_restored() -> None:
     from sketchtune.plan import Swap
 
     layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
-    model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=True))
+    model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)).eval()
     encoder = model[0]
-    assert encoder.use_nested_tensor
-    sketch = kind_named("SKLinear").build(
-        encoder.layers[0].linear1, {"num_terms": 1, "low_rank": 2}, 0
-    )
-    with Swap(model, {"0.layers.0.linear1": sketch}):
-        assert not encoder.use_nested_tensor
-    assert encoder.use_nested_tensor
+    inner = encoder.layers[0]
+    assert encoder.use_nested_tensor and inner.activation_relu_or_gelu == 1
+    sketch = kind_named("SKLinear").build(inner.linear1, {"num_terms": 1, "low_rank": 2}, 0)
+    x = torch.randn(2, 5, 16)
+    with Swap(model, {"0.layers.0.linear1": sketch}), torch.no_grad():
+        assert not encoder.use_nested_tensor and inner.activation_relu_or_gelu == 0
+        model(x)  # the fused path would read linear1.weight, which a sketch does not have
+    assert encoder.use_nested_tensor and inner.activation_relu_or_gelu == 1
 
 
 def test_the_flop_model_counts_every_call_of_a_layer() -> None:

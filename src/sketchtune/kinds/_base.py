@@ -83,7 +83,7 @@ class SketchKind:
         A kind for a toy layer is one subclass and one ``register_kind`` call
         (``tests/test_kinds.py`` tunes one end to end)::
 
-            class LowRankKind(SketchKind):
+            class AffineKind(SketchKind):
                 name = "LowRankAffine"
                 dense_type = Affine
                 sketch_type = LowRankAffine
@@ -98,7 +98,7 @@ class SketchKind:
                 def sketch_macs(self, dense, params, shapes):
                     return params["rank"] * (dense.d_in + dense.d_out)
 
-            register_kind(LowRankKind())
+            register_kind(AffineKind())
     """
 
     name: ClassVar[str]
@@ -283,19 +283,23 @@ class SketchKind:
     def overrides(self, model: nn.Module, names: Sequence[str]) -> list[Override]:
         """Attributes of ``model`` to set while sketches of this kind sit at ``names``.
 
-        The default turns off the nested-tensor fast path of every
-        ``nn.TransformerEncoder`` above one of ``names``: that path reads its
-        layers' dense weights (``linear1.weight``, ``self_attn.in_proj_weight``)
-        directly and feeds NestedTensors to them.
+        The default turns off torch's Transformer fast paths above one of
+        ``names``, which read the layers' dense weights (``linear1.weight``,
+        ``self_attn.in_proj_weight``) directly: the nested-tensor path of
+        ``nn.TransformerEncoder`` and the fused path of
+        ``nn.TransformerEncoderLayer`` (through its ``activation_relu_or_gelu``
+        flag, which only that path reads).
         """
         found = []
         for prefix, module in model.named_modules():
-            if (
-                isinstance(module, nn.TransformerEncoder)
-                and getattr(module, "use_nested_tensor", False)
-                and any(n.startswith(f"{prefix}." if prefix else "") for n in names)
+            if not any(n.startswith(f"{prefix}." if prefix else "") for n in names):
+                continue
+            if isinstance(module, nn.TransformerEncoder) and getattr(
+                module, "use_nested_tensor", False
             ):
                 found.append(Override(module, "use_nested_tensor", False))
+            if isinstance(module, nn.TransformerEncoderLayer) and module.activation_relu_or_gelu:
+                found.append(Override(module, "activation_relu_or_gelu", 0))
         return found
 
 
