@@ -1,15 +1,19 @@
-"""The ``sketchtune`` console script: a LightningCLI with a ``sketch:`` section.
+"""The ``sketchtune`` console script: a LightningCLI with an optional ``sketch:`` section.
 
 ``sketchtune fit --config cfg.yaml`` trains the configured model and then tunes
 it with the :class:`SketchTuneCallback` described by the config's ``sketch:``
 section (every argument of the callback; see the README). Without a
-``sketch:`` section it is a plain LightningCLI.
+``sketch:`` section (or without its ``configs``) it is a plain LightningCLI.
+Because this module imports the callback, ``--trainer.callbacks+=SketchTuneCallback``
+works here by its short name; a plain ``LightningCLI`` script needs the full
+path ``sketchtune.SketchTuneCallback`` (or to import the class) for that.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
@@ -17,13 +21,43 @@ from sketchtune.lightning.callback import SketchTuneCallback
 
 __all__ = ["SketchTuneCLI", "main"]
 
+_SECTION = "sketch"
+
 
 class SketchTuneCLI(LightningCLI):
-    """LightningCLI whose ``sketch:`` section configures a :class:`SketchTuneCallback`."""
+    """LightningCLI whose optional ``sketch:`` section configures a :class:`SketchTuneCallback`.
+
+    Example::
+
+        sketchtune fit --config cfg.yaml               # trains, then tunes (with a sketch: section)
+        sketchtune fit --config cfg.yaml --sketch.n_trials=20
+    """
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(SketchTuneCallback, "sketch", required=False)
+        parser.add_lightning_class_args(SketchTuneCallback, _SECTION, required=False)
+        # Without a sketch: section the callback's one required argument is missing: that
+        # means "no tuning", so it is not required here and no callback is made.
+        for action in parser._actions:
+            if action.dest == f"{_SECTION}.configs":
+                action.required = False
+        parser.add_instantiator(_callback_if_configured, SketchTuneCallback, subclasses=False)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        parser = self._parser(self.subcommand)
+        if self._get(self.config_init, _SECTION) is None and _SECTION in parser.callback_keys:
+            parser.callback_keys.remove(_SECTION)  # no sketch: section, no callback
+        return super().instantiate_trainer(**kwargs)
+
+
+def _callback_if_configured(
+    cls: type[SketchTuneCallback], *args: Any, **kwargs: Any
+) -> SketchTuneCallback | None:
+    """The callback, or ``None`` when the config names no layers to tune."""
+    if not args and kwargs.get("configs") is None:
+        return None
+    return cls(*args, **kwargs)
 
 
 def main(args: Any = None) -> None:
