@@ -33,6 +33,7 @@ class PlanBuilder:
         dense: the selected dense layers, by qualified name.
         max_rank: the largest total rank the search can ask of a layer (sizes factorizations).
         calibrate: layers whose input statistics are gathered (``init="activation"``).
+        capture: layers whose first call's arguments are kept during the dense baseline.
     """
 
     def __init__(
@@ -40,10 +41,14 @@ class PlanBuilder:
         dense: dict[str, nn.Module],
         max_rank: Callable[[str], int],
         calibrate: list[str],
+        capture: list[str] | None = None,
     ) -> None:
         self.dense = dense
         self._max_rank = max_rank
         self.calibrate = calibrate
+        self.capture = list(capture or [])
+        #: the first call's arguments of each layer in ``capture`` (the planner replays them)
+        self.samples: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.aids: dict[str, BuildAids] = {}
         self.calibrated = False
         self._cache: OrderedDict[tuple[str, tuple[Any, ...]], tuple[nn.Module, list[int]]] = (
@@ -111,6 +116,10 @@ class PlanBuilder:
             hook = kinds[name].calibration_hook(dense, cov)
             if hook is not None:
                 handles.append(dense.register_forward_pre_hook(hook))
+        handles.extend(
+            self.dense[name].register_forward_pre_hook(self._keep_first(name), with_kwargs=True)
+            for name in self.capture
+        )
         try:
             yield
         finally:
@@ -123,6 +132,24 @@ class PlanBuilder:
                 gathered.gram = reduce_sum(gathered.gram)
             gathered.count = int(reduce_sum(torch.tensor(float(gathered.count))).item())
         self.calibrated = True
+
+    @property
+    def observes(self) -> bool:
+        """Whether the dense baseline gathers anything (input statistics, recorded calls)."""
+        return bool(self.calibrate or self.capture)
+
+    def _keep_first(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if name not in self.samples:
+                self.samples[name] = (
+                    tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+                    {
+                        k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                        for k, v in kwargs.items()
+                    },
+                )
+
+        return hook
 
 
 def _hashable(layer: LayerPlan) -> tuple[Any, ...]:

@@ -151,6 +151,11 @@ class Judge:
     def speed_measured(self) -> bool:
         return self.speed_model is not None or self.evaluator.has_throughput
 
+    @property
+    def shapes(self) -> ShapeRecorder:
+        """The call shapes recorded during evaluations (the FLOP model's and the planner's record)."""
+        return self._shapes
+
     def flops_speedup(self, plan: SketchPlan) -> float:
         """FLOP-model speedup of the selected layers with ``plan`` applied (needs recorded shapes)."""
         return plan_flops_speedup(self.builder.dense, self._shapes, plan)
@@ -209,7 +214,7 @@ class Judge:
         """Evaluate ``plan`` without announcing it (followers run what was announced)."""
         modules = self.builder.build(plan)
         early_stop = False
-        calibrating = not plan and bool(self.builder.calibrate) and not self.builder.calibrated
+        calibrating = not plan and self.builder.observes and not self.builder.calibrated
         with Swap(self.model, modules) as swap:
             try:
                 if calibrating:

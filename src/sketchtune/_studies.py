@@ -34,7 +34,7 @@ __all__ = [
     "fit_space",
 ]
 
-Strategy = Literal["separate", "joint", "global"]
+Strategy = Literal["separate", "joint", "global", "sampler"]
 
 #: per-layer switch of a study over several layers (False: the layer stays dense)
 ENABLED = "enabled"
@@ -82,7 +82,8 @@ class StudyLayout:
     Args:
         model: the dense model.
         configs: which layers, with which search spaces.
-        strategy: ``"separate"``, ``"joint"``, ``"global"``, or ``None`` (each
+        strategy: ``"separate"``, ``"joint"``, ``"global"`` / ``"sampler"`` (one study
+            over every layer: planned, or the sampler alone), or ``None`` (each
             config's ``separate`` flag decides).
         default_init: the ``init`` of layers whose space searches none.
         seed: base seed of the sketches' random matrices.
@@ -106,7 +107,7 @@ class StudyLayout:
         self.seed = seed
         self._default_init = default_init
         groups = self._groups(model, configs, strategy)
-        if strategy == "global":
+        if strategy in ("global", "sampler"):
             self.specs = [StudySpec(None, groups, prefixed=True)]
         else:
             self.specs = [StudySpec(g.key, [g], prefixed=False) for g in groups]
@@ -292,7 +293,7 @@ def check_configs(
         The label of each study the search would run.
     """
     if strategy is not None:
-        check_choice("strategy", strategy, ("separate", "joint", "global"))
+        check_choice("strategy", strategy, ("separate", "joint", "global", "sampler"))
     layout = StudyLayout(
         model,
         TuningConfigs.coerce(configs),

@@ -45,6 +45,7 @@ from sketchtune._objective import (
     sigterm_as_interrupt,
     warm_start,
 )
+from sketchtune._planner import Planner, observed_layers, run_planned_study
 from sketchtune._results import read_results, seed_layer_results, seed_results, write_results
 from sketchtune._studies import Strategy, StudyLayout, StudySpec, check_configs
 from sketchtune._trialinfo import TrialInfo
@@ -89,9 +90,12 @@ class SKAutoTuner:
         max_accuracy_drop: floor relative to the dense model's accuracy, measured
             first: an absolute drop (``0.01``) or a relative one (``"1%"``).
         strategy: ``"separate"`` (a study per layer), ``"joint"`` (a study per
-            config, one parameter set shared by its layers) or ``"global"`` (one
-            study over every layer's parameters). ``None`` follows each config's
-            ``separate`` flag, as the seed did.
+            config, one parameter set shared by its layers), ``"global"`` (one
+            study over every layer, planned: per-layer error and cost predicted
+            from the dense baseline, a frontier of plans bisected with real trials,
+            then refined near the best) or ``"sampler"`` (one study over every
+            layer's parameters, searched by the sampler alone). ``None`` follows
+            each config's ``separate`` flag, as the seed did.
         seed: base seed of the sketches' random matrices (default: the search's
             seed, else 0). Each layer's seed is derived from it and the layer name.
         mode: ``"max"`` if higher accuracy is better, ``"min"`` for a loss.
@@ -179,7 +183,7 @@ class SKAutoTuner:
         self.strategy = (
             None
             if strategy is None
-            else check_choice("strategy", strategy, ("separate", "joint", "global"))
+            else check_choice("strategy", strategy, ("separate", "joint", "global", "sampler"))
         )
         self.mode: Mode = check_choice("mode", mode, ("max", "min"))
         check_floor_args(accuracy_threshold, max_accuracy_drop)
@@ -215,9 +219,16 @@ class SKAutoTuner:
             seed=self.seed,
         )
         self._studies: list[StudySpec] = self._layout.specs
-        self._builder = PlanBuilder(
-            self._layout.dense, self._layout.max_rank, self._layout.layers_to_calibrate()
+        calibrate, capture = (
+            observed_layers(self._layout)
+            if self.strategy == "global"
+            else (self._layout.layers_to_calibrate(), [])
         )
+        self._builder = PlanBuilder(
+            self._layout.dense, self._layout.max_rank, calibrate, capture=capture
+        )
+        #: the planner of a ``strategy="global"`` search (options, frontier, timings) after tune()
+        self.planner: Planner | None = None
         self._judge = Judge(
             model,
             evaluator,
@@ -319,8 +330,24 @@ class SKAutoTuner:
                     )
                 try:
                     self._baseline()
-                    warm_start(search, self._layout, self._optuna_studies)
-                    for spec in self._studies:
+                    if self.strategy == "global":
+                        self.planner = run_planned_study(
+                            self._studies[0],
+                            self._optuna_studies[self._studies[0].label],
+                            self._layout,
+                            self._judge,
+                            self._builder,
+                            search,
+                            best,
+                            seed=self.seed,
+                            dense_accuracy=self.dense_accuracy,
+                            deadline=deadline,
+                            verbose=self.verbose,
+                            callbacks=callbacks,
+                        )
+                    else:
+                        warm_start(search, self._layout, self._optuna_studies)
+                    for spec in self._studies if self.strategy != "global" else ():
                         run_study(
                             spec,
                             self._optuna_studies[spec.label],

@@ -87,9 +87,12 @@ class LowRankKind(SketchKind):
                 f"(num_terms*low_rank would have to be below {budget:.2f}); leave it dense "
                 "(exclude it from the selection)."
             )
+        # The whole geometric ladder up to break-even: real speedups on a CPU come from
+        # ranks far below it (a GEMM at break-even is no faster than the dense one), and
+        # the planner prices every rung from one spectrum per layer.
         return {
             "num_terms": Categorical([1]),
-            "low_rank": Categorical(ranks[-8:]),
+            "low_rank": Categorical(ranks),
             "init": Categorical(["activation", "svd"]),
         }
 

@@ -58,8 +58,11 @@ class AttentionKind(SketchKind):
             )
 
     def auto_space(self, dense: nn.Module) -> dict[str, ParamSpec]:
+        # A geometric ladder: which rungs pay off depends on the sequence length, known
+        # only once the model runs; the planner prices each rung at the recorded lengths
+        # (m < Lq*Lk/(Lq+Lk) saves multiply-adds) and drops the ones that cannot.
         return {
-            "num_random_features": Categorical([16, 32, 64, 128, 256]),
+            "num_random_features": Categorical([4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]),
             "kernel_fn": Categorical(["softmax", "relu"]),
         }
 

@@ -1,0 +1,410 @@
+"""The planned global search: options -> frontier -> bisection with real trials -> refinement.
+
+Every evaluation is a real trial of the study: the planner enqueues fixed
+parameters (``study.enqueue_trial``) and the usual objective runs them, so the
+results table, plots, resume, duplicate detection and the never-slower
+confirmation see them like any other trial. Each planner trial carries a small
+user attribute (:data:`TAG`: its phase, frontier point and candidate choice);
+the next proposal is a function of the study's finished trials only, so a
+resumed run, or a second worker on the same storage, continues where the
+study stands. The per-layer options and the frontier are stored in the
+study's user attributes (:data:`STUDY_ATTR`) and never recomputed for it.
+
+1. Calibration: bisection over the frontier's points for the most aggressive
+   one that keeps the floor (``log2`` of the number of points, evaluations).
+2. Refinement (default sampler): a (1+1) evolution strategy over per-layer
+   error weights; each proposal is a point of the reweighted frontier that is
+   predicted cheaper than the best plan so far, so it is always a coherent
+   plan near the best one (per-layer offsets on the rank ladder). With a
+   sampler of the user's own, the rest of the budget goes to that sampler,
+   warm-started by the frontier trials already in the study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sketchtune._best import BestTracker
+from sketchtune._builder import PlanBuilder
+from sketchtune._judge import Judge, TrialFailed
+from sketchtune._objective import OverBudget, make_objective, make_reporter, say
+from sketchtune._planner._frontier import Frontier, allocate
+from sketchtune._planner._options import GroupOptions, Recorded, group_options
+from sketchtune._studies import ENABLED, StudyLayout, StudySpec
+from sketchtune._trialinfo import TrialInfo
+from sketchtune.kinds._lowrank import LowRankKind
+from sketchtune.results import TrialRecord
+from sketchtune.search import OptunaSearch
+
+__all__ = ["STUDY_ATTR", "TAG", "Planner", "observed_layers", "run_planned_study"]
+
+#: study user attribute holding the options and the frontier
+STUDY_ATTR = "sketchtune:planner"
+#: trial user attribute of a planner trial
+TAG = "sketchtune:planned"
+
+_PENALTY = 1.5  # weight factor of a group whose cheaper move broke the floor
+_MIN_GAIN = 0.002  # a refinement must be predicted at least this much cheaper
+
+
+def observed_layers(layout: StudyLayout) -> tuple[list[str], list[str]]:
+    """``(covariance, capture)``: layers whose input statistics / first call the baseline keeps.
+
+    Every low-rank layer that may start from the dense weights gets its input
+    covariance (closed-form errors on real inputs); every layer with a
+    candidate that has no closed form gets its first call recorded.
+    """
+    covariance = set(layout.layers_to_calibrate())
+    capture: set[str] = set()
+    for group in layout.groups:
+        inits = set(group.space["init"].grid()) if "init" in group.space else {"sketch"}
+        low_rank = isinstance(group.kind, LowRankKind) and group.copy_weights
+        if low_rank and inits & {"svd", "activation"} and group.kind.calibration_hook is not None:
+            covariance.update(group.names)
+        if not low_rank or "sketch" in inits:
+            capture.update(group.names)
+    return sorted(covariance), sorted(capture)
+
+
+@dataclass
+class Proposal:
+    params: dict[str, Any]
+    tag: dict[str, Any]
+
+
+@dataclass
+class Planner:
+    """The options, the frontier and the proposals of one planned study.
+
+    Attributes:
+        options: each group's candidates (predicted error and cost).
+        frontier: the Lagrangian frontier over ``options``.
+        unit: ``"macs"`` or ``"seconds"`` (what a cost counts).
+        loaded: the options and the frontier came from the study (nothing recomputed).
+        prepare_seconds: time spent on spectra and layer timing (0 when loaded).
+        allocate_seconds: time the allocation took.
+        propose_seconds: time spent choosing the next plan (bisection, refinement).
+    """
+
+    spec: StudySpec
+    options: list[GroupOptions]
+    frontier: Frontier
+    unit: str
+    seed: int
+    refine: bool
+    loaded: bool = False
+    prepare_seconds: float = 0.0
+    allocate_seconds: float = 0.0
+    propose_seconds: float = 0.0
+    _ladders: dict[int, list[int | None]] = field(default_factory=dict, repr=False)
+
+    # -- building ----------------------------------------------------------------------
+
+    @classmethod
+    def for_study(
+        cls,
+        spec: StudySpec,
+        study: optuna.Study,
+        layout: StudyLayout,
+        judge: Judge,
+        builder: PlanBuilder,
+        *,
+        seed: int,
+        refine: bool,
+    ) -> Planner:
+        """Load the planner's data from ``study`` or compute it (and store it there)."""
+        timed = judge.speed_model is None and judge.evaluator.has_throughput
+        signature = _signature(spec, timed)
+        stored = study.user_attrs.get(STUDY_ATTR)
+        if isinstance(stored, dict) and stored.get("signature") == signature:
+            options = [GroupOptions.from_dict(g) for g in stored["options"]]
+            start = time.perf_counter()
+            frontier = allocate(options)
+            planner = cls(spec, options, frontier, stored["unit"], seed, refine, loaded=True)
+            planner.allocate_seconds = time.perf_counter() - start
+            return planner
+        start = time.perf_counter()
+        recorded = Recorded(
+            calls=dict(judge.shapes.calls),
+            covariance={
+                n: a.calibration for n, a in builder.aids.items() if a.calibration is not None
+            },
+            samples=builder.samples,
+        )
+        if timed and any(
+            n not in recorded.samples and not recorded.calls.get(n)
+            for g in spec.groups
+            for n in g.names
+        ):
+            timed = False  # a layer was never called with a recorded shape: price MACs
+        options = [
+            group_options(
+                group,
+                layout.dense,
+                recorded,
+                builder.build,
+                lambda params, g=group: layout.plan_from([g], {g.key: params}),  # type: ignore[misc]
+                timed=timed,
+            )
+            for group in spec.groups
+        ]
+        prepared = time.perf_counter()
+        frontier = allocate(options)
+        planner = cls(spec, options, frontier, "seconds" if timed else "macs", seed, refine)
+        planner.prepare_seconds = prepared - start
+        planner.allocate_seconds = time.perf_counter() - prepared
+        study.set_user_attr(
+            STUDY_ATTR,
+            {
+                "signature": signature,
+                "unit": planner.unit,
+                "options": [o.to_dict() for o in options],
+                "frontier": {
+                    "moves": [list(m) for m in frontier.moves],
+                    "errors": list(frontier.errors),
+                    "costs": list(frontier.costs),
+                },
+            },
+        )
+        return planner
+
+    # -- plans ---------------------------------------------------------------------------
+
+    def params_of(self, choice: Sequence[int | None]) -> dict[str, Any]:
+        """Trial parameters of a per-group choice (``None``: the group stays dense)."""
+        params: dict[str, Any] = {}
+        for group, option, chosen in zip(self.spec.groups, self.options, choice, strict=True):
+            if self.spec.optional:
+                params[self.spec.param_name(group, ENABLED)] = chosen is not None
+            if chosen is None:
+                if not self.spec.optional:  # a lone group cannot stay dense: take its safest
+                    chosen = min(
+                        range(len(option.candidates)), key=lambda i: option.candidates[i].error
+                    )
+                else:
+                    continue
+            for name, value in option.candidates[chosen].params.items():
+                params[self.spec.param_name(group, name)] = value
+        return params
+
+    def cost_of(self, choice: Sequence[int | None]) -> float:
+        return sum(
+            o.dense_cost if c is None else o.candidates[c].cost
+            for o, c in zip(self.options, choice, strict=True)
+        )
+
+    def predicted_speedup(self, choice: Sequence[int | None]) -> float:
+        """Dense cost over the choice's cost, over the planned layers."""
+        return sum(o.dense_cost for o in self.options) / max(self.cost_of(choice), 1e-30)
+
+    # -- proposals -----------------------------------------------------------------------
+
+    def next(self, trials: Sequence[FrozenTrial]) -> Proposal | None:
+        """The next plan to evaluate, from the study's trials; ``None`` hands over to the sampler."""
+        points = len(self.frontier)
+        if points <= 1:
+            return None
+        planned = [
+            (t, t.user_attrs[TAG]) for t in trials if isinstance(t.user_attrs.get(TAG), dict)
+        ]
+        finished = [(t, tag) for t, tag in planned if _finished(t)]
+        lo, hi = 0, points
+        for t, tag in finished:
+            if tag.get("phase") == "frontier" and _feasible(t):
+                lo = max(lo, int(tag["point"]))
+        for t, tag in finished:
+            if tag.get("phase") == "frontier" and not _feasible(t) and int(tag["point"]) > lo:
+                hi = min(hi, int(tag["point"]))
+        if hi - lo > 1:
+            point = (lo + hi) // 2
+            choice = self.frontier.choice(point, len(self.options))
+            moved = [self.frontier.moves[point - 1][0]]  # the group its last step changed
+            tag = {"phase": "frontier", "point": point, "choice": choice, "moved": moved}
+            return Proposal(self.params_of(choice), tag)
+        if not self.refine:
+            return None
+        return self._refinement(finished, {json.dumps(tag.get("choice")) for _, tag in planned})
+
+    def _refinement(
+        self, finished: list[tuple[FrozenTrial, dict[str, Any]]], tried: set[str]
+    ) -> Proposal | None:
+        """Local search on the rank ladders around the best plan so far (see the module docstring).
+
+        Neighbours of the best plan move one group one or two rungs cheaper,
+        optionally with another group one rung dearer, and are predicted cheaper
+        than the best plan; the one with the least weighted predicted error goes
+        first. A group whose cheaper move broke the floor (on the frontier's
+        boundary or here) weighs more from then on: the measured correction of
+        its sensitivity.
+        """
+        weights = [1.0] * len(self.options)
+        best: tuple[float, dict[str, Any]] | None = None
+        kept = {
+            tag.get("point")
+            for t, tag in finished
+            if tag.get("phase") == "frontier" and _feasible(t)
+        }
+        for t, tag in sorted(finished, key=lambda p: p[0].number):
+            score = _score(t)
+            boundary = tag.get("phase") != "frontier" or tag.get("point", 0) - 1 in kept
+            if score is None and boundary:  # a frontier point past the boundary proves little
+                for g in tag.get("moved") or ():
+                    weights[g] *= _PENALTY
+            elif score is not None and (best is None or score > best[0]):
+                best = (score, tag)
+        if best is None:
+            return None  # nothing on the frontier keeps the floor: let the sampler look elsewhere
+        choice: list[int | None] = list(best[1]["choice"])
+        base_cost = self.cost_of(choice)
+        base_error = sum(
+            w * self._error(g, c) for g, (w, c) in enumerate(zip(weights, choice, strict=True))
+        )
+        moves: list[tuple[float, float, list[int | None], list[int]]] = []
+        for g, chosen in enumerate(choice):
+            for cheaper in [r for step in (-1, -2, -3) for r in self._rungs(g, chosen, step)]:
+                single = list(choice)
+                single[g] = cheaper
+                cost = base_cost - self._cost(g, chosen) + self._cost(g, cheaper)
+                error = base_error + weights[g] * (self._error(g, cheaper) - self._error(g, chosen))
+                moves.append((error, cost, single, [g]))
+                for h, other in enumerate(choice):
+                    if h == g:
+                        continue
+                    for dearer in self._rungs(h, other, +1) + self._rungs(h, other, +2):
+                        pair = list(single)
+                        pair[h] = dearer
+                        pair_cost = cost - self._cost(h, other) + self._cost(h, dearer)
+                        if pair_cost < base_cost * (1 - _MIN_GAIN):
+                            shift = self._error(h, dearer) - self._error(h, other)
+                            moves.append((error + weights[h] * shift, pair_cost, pair, [g]))
+        moves.sort(key=lambda m: (m[0], m[1]))
+        for _, cost, plan, moved in moves:
+            if cost < base_cost * (1 - _MIN_GAIN) and json.dumps(plan) not in tried:
+                return Proposal(
+                    self.params_of(plan), {"phase": "refine", "choice": plan, "moved": moved}
+                )
+        return None
+
+    def _cost(self, g: int, chosen: int | None) -> float:
+        option = self.options[g]
+        return option.dense_cost if chosen is None else option.candidates[chosen].cost
+
+    def _error(self, g: int, chosen: int | None) -> float:
+        return 0.0 if chosen is None else self.options[g].candidates[chosen].error
+
+    def _rungs(self, g: int, chosen: int | None, offset: int) -> list[int | None]:
+        """The candidate ``offset`` rungs from ``chosen`` on ``g``'s ladder (distinct costs;
+        the least error at each rung); ``[]`` past either end."""
+        ladder = self._ladders.get(g)
+        if ladder is None:
+            by_cost: dict[float, int] = {}
+            for i, c in enumerate(self.options[g].candidates):
+                if (
+                    c.cost not in by_cost
+                    or c.error < self.options[g].candidates[by_cost[c.cost]].error
+                ):
+                    by_cost[c.cost] = i
+            ladder = [None] + [by_cost[c] for c in sorted(by_cost, reverse=True)]
+            self._ladders[g] = ladder
+        here = self._cost(g, chosen)
+        position = max(i for i, c in enumerate(ladder) if self._cost(g, c) >= here)
+        target = position - offset
+        return [ladder[target]] if 0 <= target < len(ladder) and target != position else []
+
+
+def _finished(trial: FrozenTrial) -> bool:
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+        trial.state == TrialState.FAIL and TrialInfo.of(trial).reason is not None
+    )
+
+
+def _feasible(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.COMPLETE and bool(TrialInfo.of(trial).feasible)
+
+
+def _score(trial: FrozenTrial) -> float | None:
+    """The speedup of a feasible trial (the FLOP model's when speed is not measured)."""
+    if not _feasible(trial):
+        return None
+    info = TrialInfo.of(trial)
+    value = info.speedup if info.speedup is not None else info.flops_speedup
+    return None if value is None else float(value)
+
+
+def _signature(spec: StudySpec, timed: bool) -> str:
+    """What the stored options depend on: the groups, their spaces and the cost unit."""
+    described = [
+        [g.key, g.names, g.kind.name, {k: repr(v) for k, v in g.space.items()}, g.copy_weights]
+        for g in spec.groups
+    ]
+    text = json.dumps([described, timed], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_planned_study(
+    spec: StudySpec,
+    study: optuna.Study,
+    layout: StudyLayout,
+    judge: Judge,
+    builder: PlanBuilder,
+    search: OptunaSearch,
+    best: BestTracker,
+    *,
+    seed: int,
+    dense_accuracy: float | None,
+    deadline: float | None,
+    verbose: bool,
+    callbacks: Sequence[Callable[[TrialRecord], None]],
+) -> Planner:
+    """Run ``spec``'s study: the planner's proposals first, then (if any budget is left) the sampler.
+
+    Returns the planner (its options, frontier and timings).
+    """
+    search.set_current(study)
+    best.consider_study(spec.label, study)
+    planner = Planner.for_study(
+        spec, study, layout, judge, builder, seed=seed, refine=search.uses_default_sampler
+    )
+    objective = make_objective(spec, layout, judge, search, dense_accuracy)
+    reporter = make_reporter(
+        spec, best, judge, n_trials=search.n_trials, verbose=verbose, callbacks=callbacks
+    )
+    catch = (TrialFailed, OverBudget)
+    source = (
+        "stored in the study" if planner.loaded else f"prepared in {planner.prepare_seconds:.2f} s"
+    )
+    say(
+        f"[{spec.label}] planner: {len(planner.options)} layer group(s), "
+        f"{sum(len(o.candidates) for o in planner.options)} candidates ({planner.unit}, {source}), "
+        f"frontier of {len(planner.frontier)} plans up to "
+        f"{planner.frontier.costs[0] / max(planner.frontier.costs[-1], 1e-30):.2f}x predicted, "
+        f"allocated in {planner.allocate_seconds * 1000:.1f} ms",
+        verbose,
+    )
+    while True:
+        search.snapshot = study.get_trials(deepcopy=False)
+        left = search.remaining(search.snapshot)
+        if (left is not None and left <= 0) or (
+            deadline is not None and time.monotonic() >= deadline
+        ):
+            break
+        started = time.perf_counter()
+        proposal = planner.next(search.snapshot)
+        planner.propose_seconds += time.perf_counter() - started
+        if proposal is None:
+            break
+        study.enqueue_trial(proposal.params, user_attrs={TAG: proposal.tag})
+        study.optimize(
+            objective, n_trials=1, catch=catch, callbacks=[reporter], gc_after_trial=False
+        )
+    # the sampler takes whatever budget is left (and waits for other workers' running trials)
+    search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
+    return planner

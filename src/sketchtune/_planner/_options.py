@@ -1,0 +1,318 @@
+"""Per-layer options of the planner: each candidate's predicted output error and cost.
+
+For the low-rank kinds (Linear, Conv2d, Conv1D) with ``init="svd"`` or
+``"activation"`` the output error of every rank follows in closed form from one
+spectrum per layer (relative to the layer's output energy on the calibration
+inputs, bias excluded):
+
+- ``activation``: ``sum_{i > r} sigma_i^2 / sum_i sigma_i^2``, ``sigma`` the singular
+  values of ``L^T W^T`` with ``C = L L^T`` the input covariance (ASVD / SVD-LLM);
+- ``svd``: ``sum_{i > r} s_i^2 u_i^T C u_i / tr(W C W^T)`` from the SVD ``W^T = U S V^T``
+  (``C = I`` when no covariance was gathered).
+
+Every other candidate (attention's random features, the seed's ``"sketch"``
+init, kinds without a weight matrix) is measured: the layer alone, built at the
+candidate, on the call recorded during the dense baseline.
+
+Costs are multiply-adds of every recorded call, or, when speed is measured,
+the layer timed alone on its recorded call, dense and at each candidate;
+candidates no faster than the dense layer are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sketchtune._modes import eval_mode
+from sketchtune._studies import Group
+from sketchtune.kinds._base import CallShapes
+from sketchtune.kinds._lowrank import LowRankKind
+from sketchtune.nn import InputCovariance
+from sketchtune.plan import SketchPlan
+
+__all__ = ["Candidate", "GroupOptions", "candidate_params", "closed_form_errors", "Recorded"]
+
+#: the most candidates one layer offers the planner (a longer grid is thinned geometrically)
+MAX_CANDIDATES = 64
+_CLOSED_FORM = ("svd", "activation")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to sketch a group: its parameters, predicted relative output error and cost."""
+
+    params: dict[str, Any]
+    error: float
+    cost: float
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """What the planner may do with one group: stay dense (``dense_cost``) or take a candidate."""
+
+    key: str
+    dense_cost: float
+    candidates: tuple[Candidate, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "dense_cost": self.dense_cost,
+            "candidates": [[c.params, c.error, c.cost] for c in self.candidates],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GroupOptions:
+        return cls(
+            str(data["key"]),
+            float(data["dense_cost"]),
+            tuple(Candidate(dict(p), float(e), float(c)) for p, e, c in data["candidates"]),
+        )
+
+
+@dataclass
+class Recorded:
+    """What the dense baseline left for the planner, per layer name."""
+
+    calls: dict[str, list[CallShapes]]  # every call's shapes (the FLOP model's record)
+    covariance: dict[str, InputCovariance]  # gathered input statistics
+    samples: dict[str, tuple[tuple[Any, ...], dict[str, Any]]]  # a recorded call's arguments
+
+
+def candidate_params(group: Group) -> list[dict[str, Any]]:
+    """Every parameter set of ``group``'s space, deduplicated and capped at :data:`MAX_CANDIDATES`.
+
+    For low-rank kinds ``num_terms * low_rank`` is what matters (cost and
+    factorized error depend on the total rank only), so each product keeps its
+    smallest ``num_terms``.
+
+    Raises:
+        ValueError: a parameter has no finite grid (a continuous ``Float``).
+    """
+    grids = {name: spec.grid() for name, spec in group.space.items()}
+    combos = [
+        dict(zip(grids, values, strict=True)) for values in itertools.product(*grids.values())
+    ]
+    if isinstance(group.kind, LowRankKind) and {"num_terms", "low_rank"} <= set(grids):
+        kept: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for params in sorted(combos, key=lambda p: p["num_terms"]):
+            others = tuple(
+                sorted(
+                    (k, repr(v)) for k, v in params.items() if k not in ("num_terms", "low_rank")
+                )
+            )
+            kept.setdefault((params["num_terms"] * params["low_rank"], others), params)
+        combos = list(kept.values())
+    if len(combos) > MAX_CANDIDATES:
+        step = len(combos) / MAX_CANDIDATES
+        combos = [combos[int(i * step)] for i in range(MAX_CANDIDATES)]
+    return combos
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def closed_form_errors(
+    weight_t: torch.Tensor, covariance: InputCovariance | None, *, ridge: float = 1e-4
+) -> dict[str, list[float]]:
+    """Relative output error of the best rank-``r`` factorization, for ``r = 0 .. min(d_in, d_out)``.
+
+    Returns ``{"svd": [...], "activation": [...]}`` (index ``r``; the last entry is 0).
+    Without a covariance both are the plain weight's tail energies.
+    """
+    w = weight_t.detach().to(torch.float64 if min(weight_t.shape) <= 2048 else torch.float32)
+    u, s, _ = torch.linalg.svd(w, full_matrices=False)
+    if covariance is None or covariance.gram is None or covariance.count == 0:
+        plain = _tails(s.square())
+        return {"svd": plain, "activation": plain}
+    cov = covariance.matrix().to(device=w.device, dtype=w.dtype)
+    # u_i^T C u_i: the input energy along each singular direction of the weight
+    along = torch.einsum("ij,jk,ki->i", u.t(), cov, u)
+    svd = _tails(s.square() * along)
+    d_in = cov.shape[0]
+    jitter = ridge * float(torch.diagonal(cov).mean().clamp_min(1e-12))
+    chol, info = torch.linalg.cholesky_ex(
+        cov + jitter * torch.eye(d_in, dtype=w.dtype, device=w.device)
+    )
+    if int(info) != 0:
+        return {"svd": svd, "activation": svd}
+    sigma = torch.linalg.svdvals(chol.t() @ w)
+    activation = _tails(sigma.square())
+    # the activation-aware truncation is never worse on these inputs than the plain one
+    return {"svd": svd, "activation": [min(a, b) for a, b in zip(activation, svd, strict=True)]}
+
+
+def _tails(energy: torch.Tensor) -> list[float]:
+    """``tails[r] = sum_{i >= r} energy_i / sum energy`` for ``r = 0 .. len(energy)``."""
+    total = float(energy.sum())
+    if total <= 0:
+        return [0.0] * (len(energy) + 1)
+    suffix = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])
+    return [float(v) / total for v in suffix] + [0.0]
+
+
+def measured_error(
+    dense: nn.Module, sketch: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any]]
+) -> float:
+    """``||y_sketch - y||^2 / ||y||^2`` of one layer alone on a recorded call."""
+    args, kwargs = sample
+    with torch.no_grad(), eval_mode(dense), eval_mode(sketch):
+        reference = _first_tensor(dense(*args, **kwargs)).double()
+        approx = _first_tensor(sketch(*args, **kwargs)).double()
+    energy = float(reference.square().sum())
+    error = float((approx - reference).square().sum())
+    if not math.isfinite(error):
+        return math.inf
+    return error / energy if energy > 0 else error
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    first = output[0] if isinstance(output, tuple) else output
+    assert isinstance(first, torch.Tensor)
+    return first
+
+
+# ---------------------------------------------------------------------------- costs
+
+
+def layer_seconds(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, repeats: int = 5
+) -> float:
+    """Median seconds of one call of ``module`` alone (inference mode, warm-up excluded)."""
+    device = next((t.device for t in args if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.inference_mode(), eval_mode(module):
+        for _ in range(2):
+            module(*args, **kwargs)
+        sync()
+        calls = 1
+        while True:  # enough calls per sample to rise above the timer's resolution
+            start = time.perf_counter()
+            for _ in range(calls):
+                module(*args, **kwargs)
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= 2e-3 or calls >= 256:
+                break
+            calls *= 4
+        samples = [elapsed / calls]
+        for _ in range(repeats - 1):
+            start = time.perf_counter()
+            for _ in range(calls):
+                module(*args, **kwargs)
+            sync()
+            samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def synthetic_call(
+    dense: nn.Module, shapes: CallShapes
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A call of a one-input layer with random data of its recorded input shape."""
+    if not shapes:
+        return None
+    reference = next(iter(dense.parameters()), None)
+    if reference is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shapes[0], generator=generator).to(
+        device=reference.device, dtype=reference.dtype
+    )
+    return (x,), {}
+
+
+def group_options(
+    group: Group,
+    dense: dict[str, nn.Module],
+    recorded: Recorded,
+    build: Callable[[SketchPlan], dict[str, nn.Module]],
+    plan_of: Callable[[dict[str, Any]], SketchPlan],
+    *,
+    timed: bool,
+) -> GroupOptions:
+    """The candidates of ``group`` with their predicted error and cost (dense cost alongside)."""
+    kind = group.kind
+    spectra: dict[str, dict[str, list[float]]] = {}
+    closed = isinstance(kind, LowRankKind) and group.copy_weights
+    if closed:
+        for name in group.names:
+            weight_t = kind.weight_matrix(dense[name])
+            spectra[name] = closed_form_errors(weight_t, recorded.covariance.get(name))
+
+    dense_seconds: dict[str, float] = {}
+    if timed:
+        for name in group.names:
+            call = _call_for_timing(name, dense[name], recorded)
+            dense_seconds[name] = math.nan if call is None else layer_seconds(dense[name], *call)
+    dense_cost = sum(
+        _dense_cost(group, name, dense, recorded, dense_seconds) for name in group.names
+    )
+
+    candidates: list[Candidate] = []
+    for params in candidate_params(group):
+        cost = error = 0.0
+        modules: dict[str, nn.Module] | None = None
+        for name in group.names:
+            init = params.get("init", kind.defaults.get("init"))
+            if closed and init in _CLOSED_FORM:
+                rank = 2 * int(params["num_terms"]) * int(params["low_rank"])
+                tails = spectra[name][str(init)]
+                error += tails[min(rank, len(tails) - 1)]
+            else:
+                sample = recorded.samples.get(name)
+                if sample is None:
+                    error = math.inf
+                else:
+                    modules = modules if modules is not None else build(plan_of(params))
+                    error += measured_error(dense[name], modules[name], sample)
+            if timed and math.isfinite(dense_seconds[name]):
+                modules = modules if modules is not None else build(plan_of(params))
+                call = _call_for_timing(name, dense[name], recorded)
+                assert call is not None
+                seconds = layer_seconds(modules[name], *call)
+                cost += seconds * max(1, len(recorded.calls.get(name, ())))
+            else:
+                cost += sum(
+                    kind.sketch_macs(dense[name], params, c) for c in _calls(recorded, name)
+                )
+        if math.isfinite(error) and cost < dense_cost:
+            candidates.append(Candidate(params, error, cost))
+    return GroupOptions(group.key, dense_cost, tuple(candidates))
+
+
+def _calls(recorded: Recorded, name: str) -> Sequence[CallShapes]:
+    return recorded.calls.get(name) or [()]
+
+
+def _call_for_timing(
+    name: str, layer: nn.Module, recorded: Recorded
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    if name in recorded.samples:
+        return recorded.samples[name]
+    calls = recorded.calls.get(name)
+    return synthetic_call(layer, calls[0]) if calls else None
+
+
+def _dense_cost(
+    group: Group,
+    name: str,
+    dense: dict[str, nn.Module],
+    recorded: Recorded,
+    seconds: dict[str, float],
+) -> float:
+    if name in seconds and math.isfinite(seconds[name]):
+        return seconds[name] * max(1, len(recorded.calls.get(name, ())))
+    return sum(group.kind.dense_macs(dense[name], c) for c in _calls(recorded, name))
