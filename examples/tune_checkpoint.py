@@ -4,7 +4,9 @@
 2. loads it, runs ``trainer.validate(model, datamodule)`` with
    ``SketchTuneCallback(run_on="validate")``, which tunes it, and saves ``tuned.ckpt``;
 3. rebuilds the sketched model from ``tuned.ckpt`` with ``SketchedModule`` on a fresh
-   dense model (no callback involved) and predicts with it.
+   dense model (no callback involved) and predicts with it;
+4. goes on training the sketched model from ``tuned.ckpt`` (``trainer.fit(..., ckpt_path=)``:
+   the plan is rebuilt before the weights load; the optimizer starts fresh).
 
     python examples/tune_checkpoint.py [--quick]
 """
@@ -66,6 +68,13 @@ def main(argv: list[str] | None = None) -> float:
     assert data.val_set is not None
     accuracy = float((labels == data.val_set.tensors[1]).float().mean())
     print(f"reloaded from {tuned_path} without the callback: prediction accuracy {accuracy:.4f}")
+
+    resumed = SketchedModule(DigitsMLP())
+    trainer = Trainer(max_epochs=1, deterministic=True, **quiet, **limits)  # type: ignore[arg-type]
+    trainer.fit(resumed, data, ckpt_path=tuned_path)
+    print(
+        f"trained the sketched model on from {tuned_path}: val_acc {trainer.callback_metrics['val_acc']:.4f}"
+    )
     return accuracy
 
 
