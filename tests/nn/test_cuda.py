@@ -9,7 +9,7 @@ and timing counts the asynchronous GPU work.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -21,6 +21,15 @@ from sketchtune.nn import RandMultiHeadAttention, SKConv2d, SKLinear
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 _HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32() -> Iterator[None]:
+    # float32 comparisons below are tighter than TF32 (cuDNN's default for convolutions).
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _dense_layers() -> dict[str, nn.Module]:
