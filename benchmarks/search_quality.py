@@ -33,7 +33,7 @@ import optuna
 import torch
 from torch import nn
 
-from sketchtune import Categorical, LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
+from sketchtune import LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
 from sketchtune.examples.digits import DigitsCNN, DigitsDataModule, DigitsMLP
 from sketchtune.examples.sequences import MajorityDataModule, TransformerClassifier
 
@@ -94,7 +94,7 @@ def cnn() -> tuple[nn.Module, list[str], Accuracy]:
     assert data.train_set is not None
     assert data.val_set is not None
     model = DigitsCNN(width=32)
-    _fit(model, *data.train_set.tensors, epochs=6, lr=2e-3, batch=64)
+    _fit(model, *data.train_set.tensors, epochs=12, lr=2e-3, batch=64)
     return model, [f"features.{i}" for i in (0, 2, 4, 6, 8)], _accuracy(data.val_set.tensors)
 
 
@@ -132,6 +132,7 @@ def _search(
     strategy: str,
     trials: int,
     sampler: optuna.samplers.BaseSampler | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
 ) -> dict[str, Any]:
     tuner = SKAutoTuner(
         model,
@@ -140,7 +141,14 @@ def _search(
         max_accuracy_drop=0.01,
         optimization_eval_func="flops",
         strategy=strategy,  # type: ignore[arg-type]
-        search_algorithm=OptunaSearch(n_trials=trials, seed=0, sampler=sampler),
+        search_algorithm=OptunaSearch(
+            n_trials=trials,
+            seed=0,
+            sampler=sampler,
+            storage=storage,
+            study_name=None if storage is None else "uniform",
+            load_if_exists=storage is not None,
+        ),
     )
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -165,31 +173,44 @@ def _search(
 
 
 def _uniform(model: nn.Module, names: list[str], accuracy: Accuracy, trials: int) -> dict[str, Any]:
-    """Every layer the same candidate of the 'auto' space (shared ranks), init svd or activation."""
-    probe = SKAutoTuner(
-        model, TuningConfigs([LayerConfig(names, "auto")]), accuracy, strategy="separate"
-    )
-    spaces = [g.space for g in probe._layout.groups]
-    common: dict[str, list[Any]] = {}
-    for param in spaces[0]:
-        values = [
-            v for v in spaces[0][param].grid() if all(s[param].contains(v) for s in spaces[1:])
-        ]
-        common[param] = values
-    grid = dict(common)
-    if "init" in grid:
-        grid["init"] = ["svd", "activation"]
-    size = 1
-    for values in grid.values():
-        size *= len(values)
-    config = LayerConfig(names, {k: Categorical(v) for k, v in grid.items()}, separate=False)
+    """Every layer at the same rung of the 'auto' ladder (init svd, then activation).
+
+    One plan per rung, evaluated as enqueued trials of a sampler-only study; a
+    layer whose ladder stops below the rung stays dense (that rank would not
+    save compute there).
+    """
+    configs = TuningConfigs([LayerConfig(names, "auto")])
+    probe = SKAutoTuner(model, configs, accuracy, strategy="sampler")
+    groups = probe._layout.groups
+    # the rank of a low-rank layer, the number of random features of attention
+    ladder = {g.key: "low_rank" if "low_rank" in g.space else "num_random_features" for g in groups}
+    rungs = sorted({v for g in groups for v in g.space[ladder[g.key]].grid()})
+    inits = ["svd", "activation"] if any("init" in g.space for g in groups) else [None]
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="uniform", direction="maximize")
+    plans = 0
+    for init in inits:
+        for rung in rungs:
+            params: dict[str, Any] = {}
+            for group in groups:
+                fits = group.space[ladder[group.key]].contains(rung)
+                params[f"{group.key}.enabled"] = fits
+                if fits:
+                    for name, spec in group.space.items():
+                        params[f"{group.key}.{name}"] = spec.first()
+                    params[f"{group.key}.{ladder[group.key]}"] = rung
+                    if init is not None and "init" in group.space:
+                        params[f"{group.key}.init"] = init
+            study.enqueue_trial(params)
+            plans += 1
     return _search(
         model,
-        TuningConfigs([config]),
+        configs,
         accuracy,
-        strategy="joint",
-        trials=min(trials, size),
-        sampler=optuna.samplers.GridSampler(grid, seed=0),
+        strategy="sampler",
+        trials=min(trials, plans),
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        storage=storage,
     )
 
 

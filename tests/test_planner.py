@@ -299,3 +299,42 @@ def test_attention_candidates_are_measured_and_priced_at_the_recorded_length() -
     assert features and max(features) < 20
     assert all(0 < c.error < float("inf") for c in option.candidates)
     assert all(c.cost < option.dense_cost for c in option.candidates)
+
+
+def test_measured_speed_prices_each_layer_timed_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)
+    )
+    model.eval()
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x).argmax(1)
+
+    def agreement(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(x).argmax(1) == reference).float().mean())
+
+    def throughput(m: nn.Module) -> float:
+        with torch.no_grad():
+            start = time.perf_counter()
+            for _ in range(3):
+                m(x)
+        return 3 * len(x) / (time.perf_counter() - start)
+
+    tuner = SKAutoTuner(
+        model,
+        TuningConfigs([LayerConfig(["0", "2"], "auto")]),
+        agreement,
+        accuracy_threshold=0.0,
+        optimization_eval_func=throughput,
+        strategy="global",
+        search_algorithm=OptunaSearch(n_trials=3, seed=0),
+    )
+    tuner.tune()
+    assert tuner.planner is not None and tuner.planner.unit == "seconds"
+    for option in tuner.planner.options:
+        # candidates timed no faster than the dense layer are dropped; small ranks remain
+        assert option.candidates
+        assert all(c.cost < option.dense_cost for c in option.candidates)
+        assert min(c.params["low_rank"] for c in option.candidates) <= 8
