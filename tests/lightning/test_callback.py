@@ -41,6 +41,7 @@ def callback(**kwargs: Any) -> SketchTuneCallback:
         "n_trials": 3,
         "seed": 0,
         "speed": "flops",
+        "strategy": "sampler",  # the grid below decides the trials (as the seed's global search did)
         "sampler": optuna.samplers.GridSampler(
             {"net.2.num_terms": [1], "net.2.low_rank": [4, 8, 16]}
         ),

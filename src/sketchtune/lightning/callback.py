@@ -86,7 +86,10 @@ class SketchTuneCallback(Callback):
         storage: Optuna storage URL (``sqlite:///tune.db``, ``postgresql+psycopg://...``);
             ``None`` keeps the study in this callback's memory, across Trainer runs.
         study_name: the study's name (default ``"sketchtune"``).
-        strategy: ``"global"`` (one study over every layer), ``"separate"`` or ``"joint"``.
+        strategy: ``"global"`` (one study over every layer, planned from per-layer
+            error and cost predictions, then bisected and refined with real trials),
+            ``"sampler"`` (one study over every layer, searched by ``sampler`` alone),
+            ``"separate"`` or ``"joint"``; see :class:`SKAutoTuner`.
         speed: ``"measure"`` (timed predict loop) or ``"flops"`` (FLOP model, noise-free).
         speed_batches: timed batches per measurement.
         warmup_batches: untimed batches first.
@@ -145,7 +148,7 @@ class SketchTuneCallback(Callback):
         pruner: optuna.pruners.BasePruner | None = None,
         storage: str | None = None,
         study_name: str | None = None,
-        strategy: Literal["global", "separate", "joint"] = "global",
+        strategy: Literal["global", "sampler", "separate", "joint"] = "global",
         speed: Literal["measure", "flops"] = "measure",
         speed_batches: int = 20,
         warmup_batches: int = 3,
@@ -175,7 +178,9 @@ class SketchTuneCallback(Callback):
         self.pruner = pruner
         self.storage = storage
         self.study_name = study_name
-        self.strategy = check_choice("strategy", strategy, ("global", "separate", "joint"))
+        self.strategy = check_choice(
+            "strategy", strategy, ("global", "separate", "joint", "sampler")
+        )
         self.speed = check_choice("speed", speed, ("measure", "flops"))
         self.speed_batches = check_int("speed_batches", speed_batches, minimum=1)
         self.warmup_batches = check_int("warmup_batches", warmup_batches, minimum=0)
@@ -330,7 +335,8 @@ class SketchTuneCallback(Callback):
             self.applied_plan = pl_module.plan  # e.g. restored from a tuned checkpoint
         if self.applied_plan:  # a non-empty plan is in the model already
             rank_zero_info(
-                "sketchtune: the model is already sketched by an earlier search; not searching again."
+                "sketchtune: the model is already sketched (by an earlier search, a tuned "
+                "checkpoint or SketchedModule's plan); not searching again."
             )
             return
         if self.default_floor:
