@@ -115,3 +115,11 @@ def test_a_checkpoint_with_the_dense_optimizer_state_resumes_with_a_fresh_optimi
         extra = [] if isinstance(model, SketchedModule) else [callback()]
         trainer(callbacks=[steps, *extra], max_epochs=2).fit(model, DataModule(), ckpt_path=path)
         assert steps.start == 8 and steps.batches == 8
+
+
+def test_the_lent_hook_is_taken_back_after_an_error() -> None:
+    model = Classifier()
+    cb = callback(run_on="validate", monitor="val_accuracy")
+    with pytest.raises(ValueError, match=r"`monitor`='val_accuracy' was not logged"):
+        trainer(callbacks=[cb]).validate(model, DataModule(), verbose=False)
+    assert "on_load_checkpoint" not in vars(model)

@@ -296,6 +296,12 @@ class SketchTuneCallback(Callback):
         self._plan_loader.detach()
 
     @override
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._plan_loader.detach()  # teardown does not run after an exception
+
+    @override
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
