@@ -67,7 +67,7 @@ def observed_layers(layout: StudyLayout) -> tuple[list[str], list[str]]:
     for group in layout.groups:
         inits = set(group.space["init"].grid()) if "init" in group.space else {"sketch"}
         low_rank = isinstance(group.kind, LowRankKind) and group.copy_weights
-        if low_rank and inits & {"svd", "activation"} and group.kind.calibration_hook is not None:
+        if low_rank and inits & {"svd", "activation"}:
             covariance.update(group.names)
         if not low_rank or "sketch" in inits:
             capture.update(group.names)
@@ -312,10 +312,14 @@ class Planner:
                     or c.error < self.options[g].candidates[by_cost[c.cost]].error
                 ):
                     by_cost[c.cost] = i
-            ladder = [None] + [by_cost[c] for c in sorted(by_cost, reverse=True)]
+            dense: list[int | None] = [None] if self.spec.optional else []
+            ladder = dense + [by_cost[c] for c in sorted(by_cost, reverse=True)]
             self._ladders[g] = ladder
         here = self._cost(g, chosen)
-        position = max(i for i, c in enumerate(ladder) if self._cost(g, c) >= here)
+        above = [i for i, c in enumerate(ladder) if self._cost(g, c) >= here]
+        if not above:
+            return []
+        position = max(above)
         target = position - offset
         return [ladder[target]] if 0 <= target < len(ladder) and target != position else []
 
@@ -363,21 +367,26 @@ def run_planned_study(
     deadline: float | None,
     verbose: bool,
     callbacks: Sequence[Callable[[TrialRecord], None]],
-) -> Planner:
+) -> Planner | None:
     """Run ``spec``'s study: the planner's proposals first, then (if any budget is left) the sampler.
 
-    Returns the planner (its options, frontier and timings).
+    A ``GridSampler`` is an explicit enumeration: it runs as given, without the planner.
+
+    Returns the planner (its options, frontier and timings), ``None`` for a grid.
     """
     search.set_current(study)
     best.consider_study(spec.label, study)
-    planner = Planner.for_study(
-        spec, study, layout, judge, builder, seed=seed, refine=search.uses_default_sampler
-    )
+    catch = (TrialFailed, OverBudget)
     objective = make_objective(spec, layout, judge, search, dense_accuracy)
     reporter = make_reporter(
         spec, best, judge, n_trials=search.n_trials, verbose=verbose, callbacks=callbacks
     )
-    catch = (TrialFailed, OverBudget)
+    if isinstance(search.sampler, optuna.samplers.GridSampler):
+        search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
+        return None
+    planner = Planner.for_study(
+        spec, study, layout, judge, builder, seed=seed, refine=search.uses_default_sampler
+    )
     source = (
         "stored in the study" if planner.loaded else f"prepared in {planner.prepare_seconds:.2f} s"
     )

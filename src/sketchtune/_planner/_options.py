@@ -261,6 +261,7 @@ def group_options(
         _dense_cost(group, name, dense, recorded, dense_seconds) for name in group.names
     )
 
+    timings: dict[tuple[str, str], float] = {}  # candidates that differ only in init cost the same
     candidates: list[Candidate] = []
     for params in candidate_params(group):
         cost = error = 0.0
@@ -279,11 +280,13 @@ def group_options(
                     modules = modules if modules is not None else build(plan_of(params))
                     error += measured_error(dense[name], modules[name], sample)
             if timed and math.isfinite(dense_seconds[name]):
-                modules = modules if modules is not None else build(plan_of(params))
-                call = _call_for_timing(name, dense[name], recorded)
-                assert call is not None
-                seconds = layer_seconds(modules[name], *call)
-                cost += seconds * max(1, len(recorded.calls.get(name, ())))
+                shape = repr(sorted((k, v) for k, v in params.items() if k != "init"))
+                if (name, shape) not in timings:
+                    modules = modules if modules is not None else build(plan_of(params))
+                    call = _call_for_timing(name, dense[name], recorded)
+                    assert call is not None
+                    timings[name, shape] = layer_seconds(modules[name], *call)
+                cost += timings[name, shape] * max(1, len(recorded.calls.get(name, ())))
             else:
                 cost += sum(
                     kind.sketch_macs(dense[name], params, c) for c in _calls(recorded, name)
