@@ -6,7 +6,6 @@ The callback's ``_search`` hook calls :func:`run_search` (as Lightning's
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +22,7 @@ from sketchtune.lightning._reporting import (
 )
 from sketchtune.lightning._trainer_state import TrainerState, has_validation_batches
 from sketchtune.lightning.module import SketchedModule
-from sketchtune.measure import interleaved_rates
-from sketchtune.plan import SketchPlan, Swap
+from sketchtune.plan import SketchPlan
 from sketchtune.search import OptunaSearch
 from sketchtune.tuner import SKAutoTuner
 
@@ -116,7 +114,7 @@ def run_search(
             tuner.follow()
         plan = _agreed_plan(trainer, tuner.best_plan)
         accuracy = tuner.best_accuracy
-        throughput = _throughput(cb.speed, evaluator, tuner, plan)
+        throughput = _throughput(tuner)
         if cb.apply_best and plan:
             tuner.apply(plan)  # built as measured (activation statistics included)
             if isinstance(pl_module, SketchedModule):
@@ -175,15 +173,15 @@ def _agreed_plan(trainer: Trainer, plan: SketchPlan | None) -> SketchPlan:
     return SketchPlan.from_dict(data) if data is not None else SketchPlan()
 
 
-def _throughput(
-    speed: str, evaluator: LightningEvaluator, tuner: SKAutoTuner, plan: SketchPlan
-) -> tuple[float | None, float | None]:
-    """Dense and tuned throughput of ``plan``, interleaved, median of 5 rounds (all ranks)."""
-    if speed != "measure" or not plan:
+def _throughput(tuner: SKAutoTuner) -> tuple[float | None, float | None]:
+    """Dense and tuned throughput from the measurement that confirmed the plan (timed speed only).
+
+    The summary shows the same measurement as ``best_speedup``, not another one.
+    """
+    confirmation = tuner.confirmation
+    if not confirmation:
         return None, None
-    swap = Swap(tuner.model, tuner.build(plan))
-    dense, tuned = interleaved_rates(lambda: evaluator.throughput(tuner.model), swap, rounds=5)
-    return statistics.median(dense), statistics.median(tuned)
+    return confirmation["dense_throughput"], confirmation["tuned_throughput"]
 
 
 def _finetune_applied(

@@ -34,7 +34,7 @@ from sketchtune.lightning._trainer_state import (
 from sketchtune.lightning.module import SketchedModule
 from sketchtune.plan import SketchPlan
 from sketchtune.results import RunSummary
-from sketchtune.search import OptunaSearch
+from sketchtune.search import OptunaSearch, redact
 from sketchtune.tuner import SKAutoTuner, check_configs
 
 if TYPE_CHECKING:
@@ -120,6 +120,11 @@ class SketchTuneCallback(Callback):
         best_speedup: its measured speedup over the dense model.
         best_accuracy: its accuracy.
         dense_accuracy: the dense model's accuracy.
+        dense_test_metrics: what ``test_step`` logged for the dense model over the
+            datamodule's (or model's) test dataloader, run after the search; ``None``
+            without test batches. The search selects on the validation split, so this
+            is the unbiased figure.
+        tuned_test_metrics: the same for the tuned model (the applied plan).
         results: a pandas DataFrame, one row per trial.
         study: the (last) Optuna study.
         tuner: the :class:`SKAutoTuner` that ran the search.
@@ -224,6 +229,8 @@ class SketchTuneCallback(Callback):
         self.tuner: SKAutoTuner | None = None
         self.applied_plan: SketchPlan | None = None
         self.summary: RunSummary | None = None
+        self.dense_test_metrics: dict[str, float] | None = None
+        self.tuned_test_metrics: dict[str, float] | None = None
         self._searching = False
         self._next_log_step = 0  # loggers' steps continue past an earlier search's rows
         self._plan_loader = PlanLoader(self._on_plan_loaded)
@@ -255,13 +262,17 @@ class SketchTuneCallback(Callback):
         if runs_here:
             check_launcher(trainer)
         if runs_here and not self.applied_plan:
-            # Check the configs against this model now, not after hours of training.
+            # Check the configs, the storage and the output folder now, not after hours of training.
             check_configs(
                 tuned_module(pl_module),
                 self.configs,
                 strategy=self.strategy,
                 default_init=self.default_init,
             )
+            if trainer.is_global_zero:
+                self._search_settings().check_storage()
+                if self.output_dir is not None:
+                    _check_writable(self.output_dir)
         if not isinstance(pl_module, SketchedModule):  # SketchedModule reads plans itself
             self._plan_loader.attach(pl_module)
         if stage == TrainerFn.VALIDATING and self.run_on == "validate":
@@ -300,6 +311,9 @@ class SketchTuneCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
         self._plan_loader.detach()  # teardown does not run after an exception
+        if self._modes is not None:  # a failed trainer.validate() leaves the modes it found
+            restore_modes(self._modes)
+            self._modes = None
 
     @override
     def on_save_checkpoint(
@@ -312,17 +326,23 @@ class SketchTuneCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # the storage only as it may be shown: a checkpoint never carries credentials
         return {
-            "storage": self.storage,
+            "storage": redact(self.storage),
             "study_name": self.study_name,
             "best_plan": None if self.best_plan is None else self.best_plan.to_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.storage is None and state_dict.get("storage"):
-            self.storage = state_dict["storage"]
-        if self.study_name is None and state_dict.get("study_name"):
+        # A checkpoint never chooses where the study lives: its study name is resumed only
+        # when it was saved for the storage configured here (compared without credentials).
+        if (
+            self.storage is not None
+            and self.study_name is None
+            and state_dict.get("study_name")
+            and state_dict.get("storage") == redact(self.storage)
+        ):
             self.study_name = state_dict["study_name"]
         plan = state_dict.get("best_plan")
         if plan is not None and self.best_plan is None:
@@ -368,6 +388,7 @@ class SketchTuneCallback(Callback):
         self.best_plan, self.best_speedup = found.plan, found.speedup
         self.best_accuracy, self.dense_accuracy = found.accuracy, found.tuner.dense_accuracy
         self.results, self.summary = found.results, found.summary
+        self.dense_test_metrics, self.tuned_test_metrics = found.dense_test, found.tuned_test
         self._next_log_step = found.next_log_step
         if self.apply_best:
             self.applied_plan = found.plan  # possibly empty: checkpoints then say "dense"
@@ -383,3 +404,18 @@ def _check_range(value: Any) -> tuple[float, float] | None:
     if low >= high:
         raise ValueError(f"`metric_range` must have low < high, got {value!r}.")
     return (low, high)
+
+
+def _check_writable(folder: str | os.PathLike[str]) -> None:
+    """Create ``folder`` and write a file in it now, so a bad ``output_dir`` fails before training."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".sketchtune-write-check")
+        with open(probe, "w", encoding="utf-8") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(
+            f"`output_dir`={os.fspath(folder)!r} cannot be written ({exc.strerror or exc}); "
+            "give a folder this process can create and write, or output_dir=None."
+        ) from None

@@ -1,0 +1,98 @@
+"""Trust boundaries of the callback: no credentials in checkpoints, a checkpoint never picks the
+storage, bad storage URLs and output folders fail before training, failures restore modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from sketchtune import LayerConfig, SketchTuneCallback
+from tests.lightning.boring import Classifier, DataModule
+
+SECRET = "hunter2@x"
+URL = f"postgresql+psycopg://me:{SECRET}@127.0.0.1:1/tune"
+
+
+def callback(**kw: Any) -> SketchTuneCallback:
+    return SketchTuneCallback(
+        LayerConfig(["net.2"], {"num_terms": 1, "low_rank": [4, 8]}),
+        speed="flops",
+        n_trials=2,
+        **kw,
+    )
+
+
+def trainer(cb: SketchTuneCallback, **kw: Any) -> Trainer:
+    return Trainer(
+        callbacks=[cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        **kw,
+    )
+
+
+class Counting(Classifier):
+    def __init__(self) -> None:
+        super().__init__(width=32)
+        self.steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_checkpoint_state_carries_no_credentials() -> None:
+    state = callback(storage=URL, study_name="s").state_dict()
+    assert SECRET not in str(state) and "hunter2" not in str(state)
+    assert state["storage"] == "postgresql+psycopg://me:***@127.0.0.1:1/tune"
+
+
+def test_a_checkpoint_never_chooses_the_storage() -> None:
+    received = {"storage": "sqlite:///somewhere/else.db", "study_name": "theirs", "best_plan": None}
+    cb = callback()
+    cb.load_state_dict(received)
+    assert cb.storage is None and cb.study_name is None
+    mine = callback(storage="sqlite:///mine.db")
+    mine.load_state_dict(received)  # another storage: its study name is not adopted either
+    assert mine.storage == "sqlite:///mine.db" and mine.study_name is None
+    mine.load_state_dict({**received, "storage": "sqlite:///mine.db"})
+    assert mine.study_name == "theirs"  # saved for this very storage: resumed
+
+
+def test_a_wrong_storage_url_fails_before_training() -> None:
+    model = Counting()
+    with pytest.raises(ValueError, match="could not open the Optuna storage") as caught:
+        trainer(callback(storage=URL)).fit(model, DataModule())
+    assert model.steps == 0
+    assert "hunter2" not in str(caught.value)
+
+
+def test_an_unwritable_output_dir_fails_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model = Counting()
+    with pytest.raises(ValueError, match=r"`output_dir`=.*file/runs' cannot be written"):
+        trainer(callback(output_dir=str(blocker / "runs"))).fit(model, DataModule())
+    assert model.steps == 0
+
+
+class FailsInValidation(Classifier):
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        raise RuntimeError("evaluation bug")
+
+
+def test_a_failed_validate_search_leaves_the_model_in_its_mode() -> None:
+    model = FailsInValidation(width=32)
+    model.train()
+    with pytest.raises(RuntimeError, match="evaluation bug"):
+        trainer(callback(run_on="validate")).validate(model, DataModule(), verbose=False)
+    assert model.training and all(m.training for m in model.modules())
