@@ -267,29 +267,54 @@ class Planner:
         base_error = sum(
             w * self._error(g, c) for g, (w, c) in enumerate(zip(weights, choice, strict=True))
         )
-        moves: list[tuple[float, float, list[int | None], list[int]]] = []
+        limit = base_cost * (1 - _MIN_GAIN)
+        # per group: (candidate, cost change, weighted error change) one to three rungs
+        # cheaper, and one or two rungs dearer
+        cheaper: list[list[tuple[int | None, float, float]]] = []
+        dearer: list[list[tuple[int | None, float, float]]] = []
         for g, chosen in enumerate(choice):
-            for cheaper in [r for step in (-1, -2, -3) for r in self._rungs(g, chosen, step)]:
-                single = list(choice)
-                single[g] = cheaper
-                cost = base_cost - self._cost(g, chosen) + self._cost(g, cheaper)
-                error = base_error + weights[g] * (self._error(g, cheaper) - self._error(g, chosen))
-                moves.append((error, cost, single, [g]))
-                for h, other in enumerate(choice):
+            for offsets, out in (((-1, -2, -3), cheaper), ((1, 2), dearer)):
+                out.append(
+                    [
+                        (
+                            r,
+                            self._cost(g, r) - self._cost(g, chosen),
+                            weights[g] * (self._error(g, r) - self._error(g, chosen)),
+                        )
+                        for step in offsets
+                        for r in self._rungs(g, chosen, step)
+                    ]
+                )
+        moves: list[tuple[float, float, int, int | None, int, int | None]] = []
+        for g, moves_down in enumerate(cheaper):
+            for r, d_cost, d_err in moves_down:
+                moves.append((base_error + d_err, base_cost + d_cost, g, r, -1, None))
+                for h, back in enumerate(dearer):
                     if h == g:
                         continue
-                    for dearer in self._rungs(h, other, +1) + self._rungs(h, other, +2):
-                        pair = list(single)
-                        pair[h] = dearer
-                        pair_cost = cost - self._cost(h, other) + self._cost(h, dearer)
-                        if pair_cost < base_cost * (1 - _MIN_GAIN):
-                            shift = self._error(h, dearer) - self._error(h, other)
-                            moves.append((error + weights[h] * shift, pair_cost, pair, [g]))
+                    for q, e_cost, e_err in back:
+                        if base_cost + d_cost + e_cost < limit:
+                            moves.append(
+                                (
+                                    base_error + d_err + e_err,
+                                    base_cost + d_cost + e_cost,
+                                    g,
+                                    r,
+                                    h,
+                                    q,
+                                )
+                            )
         moves.sort(key=lambda m: (m[0], m[1]))
-        for _, cost, plan, moved in moves:
-            if cost < base_cost * (1 - _MIN_GAIN) and json.dumps(plan) not in tried:
+        for _, cost, g, r, h, q in moves:
+            if cost >= limit:
+                continue
+            plan = list(choice)
+            plan[g] = r
+            if h >= 0:
+                plan[h] = q
+            if json.dumps(plan) not in tried:
                 return Proposal(
-                    self.params_of(plan), {"phase": "refine", "choice": plan, "moved": moved}
+                    self.params_of(plan), {"phase": "refine", "choice": plan, "moved": [g]}
                 )
         return None
 

@@ -266,6 +266,16 @@ def group_options(
     for params in candidate_params(group):
         cost = error = 0.0
         modules: dict[str, nn.Module] | None = None
+        if (
+            not timed
+            and sum(
+                kind.sketch_macs(dense[n], params, c)
+                for n in group.names
+                for c in _calls(recorded, n)
+            )
+            >= dense_cost
+        ):
+            continue  # saves no multiply-adds at the recorded shapes: not worth measuring
         for name in group.names:
             init = params.get("init", kind.defaults.get("init"))
             if closed and init in _CLOSED_FORM:
