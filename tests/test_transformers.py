@@ -5,6 +5,7 @@ A tiny GPT2LMHeadModel built from its config (no downloads).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
@@ -53,7 +54,8 @@ def tuned() -> tuple[SKAutoTuner, GPT2LMHeadModel, torch.Tensor]:
     def agreement(m: torch.nn.Module) -> float:
         return float((logits(m).argmax(-1) == reference).float().mean())
 
-    with pytest.warns(UserWarning, match=r"also matches 2 layer\(s\) .*: 2 Embedding"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         tuner = SKAutoTuner(
             model,
             TuningConfigs([LayerConfig(r".*", "auto")]),
@@ -63,6 +65,10 @@ def tuned() -> tuple[SKAutoTuner, GPT2LMHeadModel, torch.Tensor]:
             strategy="global",
             search_algorithm=OptunaSearch(n_trials=6, seed=0),
         )
+    messages = [str(w.message) for w in caught]
+    # r".*" reaches the embeddings (no kind) and lm_head, tied to the token embedding
+    assert any(re.search(r"also matches 2 layer\(s\) .*: 2 Embedding", m) for m in messages)
+    assert any("'lm_head' (tied to 'transformer.wte')" in m for m in messages)
     tuner.tune()
     return tuner, tuner.apply_best_params(), reference
 
