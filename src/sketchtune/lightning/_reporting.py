@@ -20,7 +20,14 @@ if TYPE_CHECKING:
 
     from sketchtune.tuner import SKAutoTuner
 
-__all__ = ["Progress", "TrialLogger", "count_weights", "log_outcome", "summarize"]
+__all__ = [
+    "Progress",
+    "TrialLogger",
+    "count_weights",
+    "log_outcome",
+    "log_test_metrics",
+    "summarize",
+]
 
 
 class TrialLogger:
@@ -153,6 +160,31 @@ def log_outcome(
             os.makedirs(log_dir, exist_ok=True)
             plan.save(os.path.join(log_dir, "sketchtune_plan.json"))
             results.to_csv(os.path.join(log_dir, "sketchtune_trials.csv"), index=False)
+        logger.save()
+
+
+def log_test_metrics(
+    dense: dict[str, float] | None,
+    tuned: dict[str, float] | None,
+    *,
+    loggers: list[Logger],
+    step: int,
+) -> None:
+    """One line with the dense and tuned models' test metrics; both to each logger.
+
+    The search picks its plan on the validation split, which flatters it; the test
+    split is the honest figure. Nothing happens without test batches.
+    """
+    if dense is None or tuned is None:
+        return
+    shown = ", ".join(
+        f"{name} {dense[name]:.4f} -> {tuned.get(name, math.nan):.4f}" for name in sorted(dense)
+    )
+    rank_zero_info(f"sketchtune: held-out test split, dense -> tuned: {shown}")
+    metrics = {f"sketchtune/dense_{name}": value for name, value in dense.items()}
+    metrics.update({f"sketchtune/tuned_{name}": value for name, value in tuned.items()})
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
         logger.save()
 
 

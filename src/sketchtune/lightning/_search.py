@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from sketchtune.lightning._evaluator import LightningEvaluator
 from sketchtune.lightning._reporting import (
@@ -18,11 +20,12 @@ from sketchtune.lightning._reporting import (
     TrialLogger,
     count_weights,
     log_outcome,
+    log_test_metrics,
     summarize,
 )
 from sketchtune.lightning._trainer_state import TrainerState, has_validation_batches
 from sketchtune.lightning.module import SketchedModule
-from sketchtune.plan import SketchPlan
+from sketchtune.plan import SketchPlan, Swap
 from sketchtune.search import OptunaSearch
 from sketchtune.tuner import SKAutoTuner
 
@@ -50,6 +53,9 @@ class SearchResult:
     results: pd.DataFrame | None
     summary: RunSummary | None
     next_log_step: int
+    #: the test loop's metrics of the dense and of the tuned model (None without test batches)
+    dense_test: dict[str, float] | None = None
+    tuned_test: dict[str, float] | None = None
 
 
 def tuned_module(pl_module: LightningModule) -> nn.Module:
@@ -115,12 +121,20 @@ def run_search(
         plan = _agreed_plan(trainer, tuner.best_plan)
         accuracy = tuner.best_accuracy
         throughput = _throughput(tuner)
+        # held-out figures: the search selected on the validation split, so it flatters the plan
+        dense_test = tuned_test = test_metrics(trainer)
         if cb.apply_best and plan:
             tuner.apply(plan)  # built as measured (activation statistics included)
             if isinstance(pl_module, SketchedModule):
                 pl_module.apply_plan(plan)  # its checkpoints carry the plan too
             if cb.finetune_steps and plan:
                 accuracy = _finetune_applied(evaluator, tuner, accuracy)
+        if dense_test is not None and plan:
+            if cb.apply_best:
+                tuned_test = test_metrics(trainer)
+            else:
+                with Swap(tuner.model, tuner.build(plan)):
+                    tuned_test = test_metrics(trainer)
     finally:
         if progress is not None:
             progress.close()
@@ -152,6 +166,7 @@ def run_search(
             throughput=throughput,
             output_dir=cb.output_dir,
         )
+        log_test_metrics(dense_test, tuned_test, loggers=loggers, step=log_trial.step)
     return SearchResult(
         tuner=tuner,
         search=search,
@@ -162,7 +177,37 @@ def run_search(
         results=results,
         summary=summary,
         next_log_step=log_trial.step + 1,
+        dense_test=dense_test,
+        tuned_test=tuned_test,
     )
+
+
+def test_metrics(trainer: Trainer) -> dict[str, float] | None:
+    """What ``test_step`` logs over the test dataloader for the model as it is now.
+
+    ``None`` when there are no test batches (no ``test_dataloader`` or ``test_step``,
+    or ``limit_test_batches=0``). Runs the Trainer's own test loop, quietly; the
+    caller's ``TrainerState`` puts the metrics back afterwards.
+    """
+    holders = (getattr(trainer, "datamodule", None), trainer.lightning_module)
+    if not any(h is not None and is_overridden("test_dataloader", h) for h in holders):
+        return None
+    loop = trainer.test_loop
+    stage, verbose = trainer.state.stage, loop.verbose
+    trainer.state.stage = RunningStage.TESTING
+    loop.verbose = False
+    try:
+        loop.setup_data()
+        if loop.skip:
+            return None
+        outputs = loop.run()
+    finally:
+        trainer.state.stage = stage
+        loop.verbose = verbose
+    merged: dict[str, float] = {}
+    for logged in outputs:
+        merged.update({name: float(value) for name, value in logged.items()})
+    return merged
 
 
 def _agreed_plan(trainer: Trainer, plan: SketchPlan | None) -> SketchPlan:

@@ -120,6 +120,11 @@ class SketchTuneCallback(Callback):
         best_speedup: its measured speedup over the dense model.
         best_accuracy: its accuracy.
         dense_accuracy: the dense model's accuracy.
+        dense_test_metrics: what ``test_step`` logged for the dense model over the
+            datamodule's (or model's) test dataloader, run after the search; ``None``
+            without test batches. The search selects on the validation split, so this
+            is the unbiased figure.
+        tuned_test_metrics: the same for the tuned model (the applied plan).
         results: a pandas DataFrame, one row per trial.
         study: the (last) Optuna study.
         tuner: the :class:`SKAutoTuner` that ran the search.
@@ -224,6 +229,8 @@ class SketchTuneCallback(Callback):
         self.tuner: SKAutoTuner | None = None
         self.applied_plan: SketchPlan | None = None
         self.summary: RunSummary | None = None
+        self.dense_test_metrics: dict[str, float] | None = None
+        self.tuned_test_metrics: dict[str, float] | None = None
         self._searching = False
         self._next_log_step = 0  # loggers' steps continue past an earlier search's rows
         self._plan_loader = PlanLoader(self._on_plan_loaded)
@@ -381,6 +388,7 @@ class SketchTuneCallback(Callback):
         self.best_plan, self.best_speedup = found.plan, found.speedup
         self.best_accuracy, self.dense_accuracy = found.accuracy, found.tuner.dense_accuracy
         self.results, self.summary = found.results, found.summary
+        self.dense_test_metrics, self.tuned_test_metrics = found.dense_test, found.tuned_test
         self._next_log_step = found.next_log_step
         if self.apply_best:
             self.applied_plan = found.plan  # possibly empty: checkpoints then say "dense"
