@@ -23,7 +23,6 @@ from typing import Any
 from torch import nn
 
 from sketchtune._atomic import write_text_atomic
-from sketchtune._validation import warn
 from sketchtune.registry import (
     BuildAids,
     is_sketched,
@@ -327,24 +326,11 @@ def build_replacements(
         if bounded:  # a plan from a file or checkpoint: never bigger than the layer
             kind.check_size(module, layer.params, where=f"plan[{name!r}]")
         if build is None:
-            # one warning for the whole plan below, not one per layer
             built[name] = kind.build(
                 module, dict(layer.params), layer.seed, layer.copy_weights, BuildAids(quiet=True)
             )
     if build is not None:
         return build(plan)
-    fallback = [
-        n for n, p in plan.items() if p.copy_weights and p.params.get("init") == "activation"
-    ]
-    if fallback:
-        shown = ", ".join(repr(n) for n in fallback[:3]) + (", ..." if len(fallback) > 3 else "")
-        warn(
-            f"init='activation' needs the layer's input statistics, which a plan does not carry: "
-            f"{len(fallback)} layer(s) ({shown}) are built with init='svd'. Loading the tuned "
-            "state_dict next (apply_plan + load_state_dict) restores the tuned weights exactly, "
-            "so the init does not matter then.",
-            UserWarning,
-        )
     return built
 
 
@@ -358,9 +344,9 @@ def apply_plan(
 
     Everything is checked and built before the first layer is replaced, so a bad
     plan leaves the model untouched. Layers tuned with ``init="activation"``
-    are built with ``init="svd"`` here (one warning for the whole plan, not one
-    per layer): the tuned ``state_dict`` loaded afterwards overwrites their
-    weights, so the init does not matter then.
+    are built with ``init="svd"`` here (a plan carries no input statistics):
+    the tuned ``state_dict`` loaded afterwards overwrites their weights, so the
+    init does not matter then, and nothing is printed.
 
     Args:
         model: a dense model of the architecture the plan was made for.
