@@ -115,7 +115,7 @@ def test_a_resume_with_another_accuracy_function_is_refused(tmp_path: Path) -> N
     again = tuner_for(MLP(), params, storage, accuracy=lambda m: 0.9, n_trials=4)
     again.tune()  # the same evaluation resumes
     other = tuner_for(MLP(), params, storage, accuracy=lambda m: 0.6)
-    with pytest.raises(ValueError, match=r"scores 0.6 now, but the study recorded 0.9"):
+    with pytest.raises(ValueError, match=r"scores 0.6 now, but study 'study/fc2' recorded 0.9"):
         other.tune()
 
 

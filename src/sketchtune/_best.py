@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +16,13 @@ from optuna.trial import TrialState
 
 from sketchtune._confirm import ROUNDS, Confirmation
 from sketchtune._judge import Judge, TrialFailed
+from sketchtune._studies import StudySpec
 from sketchtune._trialinfo import TrialInfo
 from sketchtune.evaluate import Mode
 from sketchtune.plan import SketchPlan
 from sketchtune.results import TrialRecord, json_ready, record_from_trial
 
-__all__ = ["BestTracker", "Decision", "choose", "score_text"]
+__all__ = ["BestTracker", "Decision", "choose", "finish", "score_text"]
 
 _STUDY_BEST = "sketchtune:best"
 
@@ -127,6 +128,37 @@ def choose(
         say("interrupted: the combined plan of the per-layer winners was not validated.")
         return Decision(_union(bests.values()))
     return _validated_combination(bests, judge, dense_accuracy, say, timed=timed)
+
+
+def finish(
+    best: BestTracker,
+    specs: Sequence[StudySpec],
+    studies: Mapping[str, optuna.Study],
+    records: Sequence[TrialRecord],
+    judge: Judge,
+    *,
+    selected: Collection[str],
+    interrupted: bool,
+    dense_accuracy: float | None,
+    say: Callable[[str], None],
+) -> Decision:
+    """The search's decision, from every finished trial of its studies (other workers' too).
+
+    The kept plan only ever sketches layers in ``selected`` (this run's selection).
+    """
+    for spec in specs:
+        best.consider_study(spec.label, studies[spec.label])
+    decision = choose(
+        best.all(),
+        [studies[spec.label] for spec in specs],
+        records,
+        judge,
+        interrupted=interrupted,
+        dense_accuracy=dense_accuracy,
+        say=say,
+    )
+    kept = {name: layer for name, layer in decision.plan.items() if name in selected}
+    return dataclasses.replace(decision, plan=SketchPlan(kept))
 
 
 def score_text(record: TrialRecord) -> str:

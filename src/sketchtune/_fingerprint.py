@@ -8,6 +8,8 @@ no longer selected); the fingerprint turns that into an error before any work.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -16,9 +18,10 @@ from sketchtune._redact import redact
 from sketchtune._studies import StudyLayout, StudySpec
 from sketchtune._validation import warn
 
-__all__ = ["check_fingerprint", "fingerprint"]
+__all__ = ["check_dense_record", "check_fingerprint", "check_fingerprints", "fingerprint"]
 
 _KEY = "sketchtune:fingerprint"
+_DENSE = "sketchtune:dense_accuracy"
 _VERSION = 1
 
 
@@ -75,6 +78,41 @@ def check_fingerprint(study: optuna.Study, expected: dict[str, Any], *, storage:
         + ". Use a new study_name for this search (or delete the old study: optuna delete-study "
         "--study-name NAME --storage URL)."
     )
+
+
+def check_fingerprints(
+    studies: Mapping[str, optuna.Study],
+    specs: Sequence[StudySpec],
+    layout: StudyLayout,
+    *,
+    strategy: str | None,
+    metric: str | None,
+    mode: str,
+    storage: object,
+) -> None:
+    """:func:`check_fingerprint` for every study of a search, before any work."""
+    for spec in specs:
+        expected = fingerprint(spec, layout, strategy=strategy, metric=metric, mode=mode)
+        check_fingerprint(studies[spec.label], expected, storage=storage)
+
+
+def check_dense_record(studies: Mapping[str, optuna.Study], measured: float) -> None:
+    """Record the dense accuracy in new studies; refuse resumed ones that recorded another.
+
+    Raises:
+        ValueError: the dense model scores differently from when the study was created.
+    """
+    for study in studies.values():
+        stored = study.user_attrs.get(_DENSE)
+        if stored is None:
+            study.set_user_attr(_DENSE, measured)
+        elif not math.isclose(measured, float(stored), rel_tol=1e-4, abs_tol=1e-6):
+            raise ValueError(
+                f"the dense model scores {measured:.6g} now, but study {study.study_name!r} "
+                f"recorded {float(stored):.6g} when it was created: the model, the validation "
+                "data or the accuracy function changed since, so its trials do not describe "
+                "this search. Use a new study_name, or resume with the same model and evaluation."
+            )
 
 
 def _differences(stored: Any, expected: dict[str, Any]) -> list[str]:

@@ -5,20 +5,26 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 from sketchtune._atomic import write_text_atomic
+from sketchtune._studies import StudySpec
+from sketchtune._trialinfo import TrialInfo
 from sketchtune.evaluate import AccuracyFloor
 from sketchtune.plan import SketchPlan
-from sketchtune.results import TrialRecord, json_ready
+from sketchtune.results import TrialRecord, json_ready, record_from_trial
 
 __all__ = [
     "LoadedResults",
     "read_results",
     "seed_layer_results",
     "seed_results",
+    "study_records",
     "write_results",
 ]
 
@@ -93,8 +99,27 @@ def write_results(
     write_text_atomic(path, json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
 
 
-def read_results(path: str | os.PathLike[str]) -> LoadedResults:
-    """Read a file written by :func:`write_results` (no code is executed)."""
+def study_records(
+    specs: Sequence[StudySpec], studies: Mapping[str, optuna.Study]
+) -> list[TrialRecord]:
+    """Every finished (or failed) trial of the studies, as rows of the results table."""
+    return [
+        record_from_trial(spec.label, trial)
+        for spec in specs
+        if spec.label in studies
+        for trial in studies[spec.label].get_trials(deepcopy=False)
+        if trial.state not in (TrialState.RUNNING, TrialState.WAITING)
+        and TrialInfo.of(trial).skipped is None
+    ]
+
+
+def read_results(
+    path: str | os.PathLike[str], *, layers: Collection[str] | None = None
+) -> LoadedResults:
+    """Read a file written by :func:`write_results` (no code is executed).
+
+    With ``layers``, a best plan that sketches any other layer is refused.
+    """
     where = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -115,6 +140,13 @@ def read_results(path: str | os.PathLike[str]) -> LoadedResults:
         floor = AccuracyFloor(data["floor"]["value"], data["floor"]["mode"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{where} is malformed: {exc}.") from None
+    if plan is not None and layers is not None:
+        missing = [name for name in plan if name not in layers]
+        if missing:
+            raise ValueError(
+                f"{where} was made for another model: it sketches {missing}, which this model "
+                "lacks (or has already sketched)."
+            )
     return LoadedResults(
         records=records,
         best_plan=plan,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from sketchtune._validation import check_choice, check_float
+from sketchtune._validation import check_choice, check_float, warn
 
 if TYPE_CHECKING:
     import optuna
@@ -269,3 +269,34 @@ def as_metric(value: Any, source: str) -> float:
     if not math.isfinite(number):
         raise NonFiniteMetric(f"{source} returned {number}")
     return number
+
+
+def make_evaluator(
+    accuracy_eval_func: Callable[[nn.Module], Any] | Evaluator,
+    optimization_eval_func: Callable[[nn.Module], Any] | str | None,
+    *,
+    misspelled: Callable[[nn.Module], Any] | str | None = None,
+) -> tuple[Evaluator, Literal["flops"] | None]:
+    """The tuner's evaluator and speed model from the seed API's arguments.
+
+    ``optimization_eval_func="flops"`` selects the FLOP speed model; ``misspelled``
+    is the seed's ``optmization_eval_func`` spelling (deprecated, still accepted).
+    """
+    if misspelled is not None:
+        warn(
+            "`optmization_eval_func` is a misspelling kept for compatibility; use "
+            "`optimization_eval_func`.",
+            DeprecationWarning,
+        )
+        if optimization_eval_func is not None:
+            raise ValueError(
+                "give `optimization_eval_func` only once (not also as `optmization_eval_func`)."
+            )
+        optimization_eval_func = misspelled
+    speed_model: Literal["flops"] | None = None
+    if isinstance(optimization_eval_func, str):
+        check_choice("optimization_eval_func", optimization_eval_func, ("flops",))
+        speed_model, optimization_eval_func = "flops", None
+    if isinstance(accuracy_eval_func, Evaluator):
+        return accuracy_eval_func, speed_model
+    return FunctionEvaluator(accuracy_eval_func, optimization_eval_func), speed_model

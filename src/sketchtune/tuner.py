@@ -23,52 +23,52 @@ winner) and ``_trialinfo`` (the record kept on each trial).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import optuna
-from optuna.trial import TrialState
 from torch import nn
 
-from sketchtune._best import BestTracker, choose
+from sketchtune._best import BestTracker, finish
 from sketchtune._builder import PlanBuilder
-from sketchtune._fingerprint import check_fingerprint, fingerprint
+from sketchtune._fingerprint import check_dense_record, check_fingerprints
 from sketchtune._judge import Judge
 from sketchtune._objective import (
     quiet_optuna,
     resume_hint,
-    run_study,
     say,
     sigterm_as_interrupt,
-    warm_start,
 )
-from sketchtune._planner import Planner, observed_layers, run_planned_study
-from sketchtune._results import read_results, seed_layer_results, seed_results, write_results
+from sketchtune._planner import Planner, observed_layers
+from sketchtune._results import (
+    read_results,
+    seed_layer_results,
+    seed_results,
+    study_records,
+    write_results,
+)
+from sketchtune._strategies import run_search
 from sketchtune._studies import Strategy, StudyLayout, StudySpec, check_configs
-from sketchtune._trialinfo import TrialInfo
 from sketchtune._validation import check_choice, check_int, check_seed, warn
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.evaluate import (
     AccuracyFloor,
     Evaluator,
-    FunctionEvaluator,
     Mode,
     check_floor_args,
+    make_evaluator,
 )
 from sketchtune.nn import INITS
 from sketchtune.plan import SketchPlan, Swap, apply_plan, build_replacements
 from sketchtune.registry import BuildAids
-from sketchtune.results import TrialRecord, record_from_trial
+from sketchtune.results import TrialRecord
 from sketchtune.search import OptunaSearch
 
 __all__ = ["SKAutoTuner", "check_configs"]
 
 SpeedSpec = Callable[[nn.Module], Any] | Literal["flops"] | None
-
-_STUDY_DENSE = "sketchtune:dense_accuracy"
 
 
 class SKAutoTuner:
@@ -90,12 +90,10 @@ class SKAutoTuner:
         max_accuracy_drop: floor relative to the dense model's accuracy, measured
             first: an absolute drop (``0.01``) or a relative one (``"1%"``).
         strategy: ``"separate"`` (a study per layer), ``"joint"`` (a study per
-            config, one parameter set shared by its layers), ``"global"`` (one
-            study over every layer, planned: per-layer error and cost predicted
-            from the dense baseline, a frontier of plans bisected with real trials,
-            then refined near the best) or ``"sampler"`` (one study over every
-            layer's parameters, searched by the sampler alone). ``None`` follows
-            each config's ``separate`` flag, as the seed did.
+            config, shared parameters), ``"global"`` (one study over every layer,
+            planned from predicted per-layer error and cost, then bisected and
+            refined with real trials) or ``"sampler"`` (one study over every layer,
+            the sampler alone). ``None`` follows each config's ``separate`` flag.
         seed: base seed of the sketches' random matrices (default: the search's
             seed, else 0). Each layer's seed is derived from it and the layer name.
         mode: ``"max"`` if higher accuracy is better, ``"min"`` for a loss.
@@ -161,16 +159,6 @@ class SKAutoTuner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if optmization_eval_func is not None:
-            warn(
-                "`optmization_eval_func` is a misspelling kept for compatibility; use `optimization_eval_func`.",
-                DeprecationWarning,
-            )
-            if optimization_eval_func is not None:
-                raise ValueError(
-                    "give `optimization_eval_func` only once (not also as `optmization_eval_func`)."
-                )
-            optimization_eval_func = optmization_eval_func
         self.model = model
         self.configs = TuningConfigs.coerce(configs)
         self.search_algorithm = search_algorithm if search_algorithm is not None else OptunaSearch()
@@ -189,15 +177,8 @@ class SKAutoTuner:
         check_floor_args(accuracy_threshold, max_accuracy_drop)
         self.accuracy_threshold = None if accuracy_threshold is None else float(accuracy_threshold)
         self.max_accuracy_drop = max_accuracy_drop
-        speed_model: Literal["flops"] | None = None
-        if isinstance(optimization_eval_func, str):
-            check_choice("optimization_eval_func", optimization_eval_func, ("flops",))
-            speed_model = "flops"
-            optimization_eval_func = None
-        evaluator = (
-            accuracy_eval_func
-            if isinstance(accuracy_eval_func, Evaluator)
-            else FunctionEvaluator(accuracy_eval_func, optimization_eval_func)
+        evaluator, speed_model = make_evaluator(
+            accuracy_eval_func, optimization_eval_func, misspelled=optmization_eval_func
         )
         self.default_init = check_choice("default_init", default_init, INITS)
         base = check_seed("seed", seed)
@@ -316,50 +297,31 @@ class SKAutoTuner:
         try:
             with quiet_optuna(), sigterm_as_interrupt():
                 self._optuna_studies = {s.label: search.open_study(s.key) for s in self._studies}
-                for spec in self._studies:
-                    check_fingerprint(
-                        self._optuna_studies[spec.label],
-                        fingerprint(
-                            spec,
-                            self._layout,
-                            strategy=self.strategy,
-                            metric=self.evaluator.metric_name,
-                            mode=self.mode,
-                        ),
-                        storage=search.storage,
-                    )
+                check_fingerprints(
+                    self._optuna_studies,
+                    self._studies,
+                    self._layout,
+                    strategy=self.strategy,
+                    metric=self.evaluator.metric_name,
+                    mode=self.mode,
+                    storage=search.storage,
+                )
                 try:
                     self._baseline()
-                    if self.strategy == "global":
-                        self.planner = run_planned_study(
-                            self._studies[0],
-                            self._optuna_studies[self._studies[0].label],
-                            self._layout,
-                            self._judge,
-                            self._builder,
-                            search,
-                            best,
-                            seed=self.seed,
-                            dense_accuracy=self.dense_accuracy,
-                            deadline=deadline,
-                            verbose=self.verbose,
-                            callbacks=callbacks,
-                        )
-                    else:
-                        warm_start(search, self._layout, self._optuna_studies)
-                    for spec in self._studies if self.strategy != "global" else ():
-                        run_study(
-                            spec,
-                            self._optuna_studies[spec.label],
-                            self._layout,
-                            self._judge,
-                            search,
-                            best,
-                            dense_accuracy=self.dense_accuracy,
-                            deadline=deadline,
-                            verbose=self.verbose,
-                            callbacks=callbacks,
-                        )
+                    self.planner = run_search(
+                        self.strategy,
+                        self._layout,
+                        self._optuna_studies,
+                        self._judge,
+                        self._builder,
+                        search,
+                        best,
+                        seed=self.seed,
+                        dense_accuracy=self.dense_accuracy,
+                        deadline=deadline,
+                        verbose=self.verbose,
+                        callbacks=callbacks,
+                    )
                 except KeyboardInterrupt:
                     self.interrupted = True
                     self._say(resume_hint(search))
@@ -384,24 +346,10 @@ class SKAutoTuner:
         self._judge.follow()
 
     def _baseline(self) -> None:
-        """The dense accuracy (measured; on resume, compared with the study's) and the floor."""
-        stored: list[float] = [
-            study.user_attrs[_STUDY_DENSE]
-            for study in self._optuna_studies.values()
-            if _STUDY_DENSE in study.user_attrs
-        ]
+        """The dense accuracy (measured; on resume, compared with the study's record) and the floor."""
         self.dense_accuracy = self._judge.dense_accuracy()
         self._say(f"dense accuracy {self.dense_accuracy:.6g}")
-        if stored and not math.isclose(self.dense_accuracy, stored[0], rel_tol=1e-4, abs_tol=1e-6):
-            raise ValueError(
-                f"the dense model scores {self.dense_accuracy:.6g} now, but the study recorded "
-                f"{stored[0]:.6g} when it was created: the model, the validation data or the "
-                "accuracy function changed since, so its trials do not describe this search. "
-                "Use a new study_name, or resume with the same model and evaluation."
-            )
-        for study in self._optuna_studies.values():
-            if _STUDY_DENSE not in study.user_attrs:
-                study.set_user_attr(_STUDY_DENSE, self.dense_accuracy)
+        check_dense_record(self._optuna_studies, self.dense_accuracy)
         floor = self._judge.resolve_floor(
             self.dense_accuracy, threshold=self.accuracy_threshold, max_drop=self.max_accuracy_drop
         )
@@ -409,22 +357,18 @@ class SKAutoTuner:
 
     def _finish(self, best: BestTracker) -> None:
         """Pick the best plan: the global winner, or the validated combination of per-study winners."""
-        # Other workers may have finished trials of the same studies: judge all of them.
-        for spec in self._studies:
-            best.consider_study(spec.label, self._optuna_studies[spec.label])
-        decision = choose(
-            best.all(),
-            [self._optuna_studies[s.label] for s in self._studies],
+        decision = finish(
+            best,
+            self._studies,
+            self._optuna_studies,
             self.records,
             self._judge,
+            selected=self._layout.dense.keys(),
             interrupted=self.interrupted,
             dense_accuracy=self.dense_accuracy,
             say=self._say,
         )
-        # a plan only ever sketches layers selected in this run
-        self.best_plan = SketchPlan(
-            {n: layer for n, layer in decision.plan.items() if n in self._layout.dense}
-        )
+        self.best_plan = decision.plan
         self.best_accuracy, self.best_speedup = decision.accuracy, decision.speedup
         self._best_speed = decision.speed
         self.confirmation = decision.confirmation
@@ -490,14 +434,7 @@ class SKAutoTuner:
     def records(self) -> list[TrialRecord]:
         """Every trial of every study (including resumed ones), as rows of the results table."""
         if self._records is None:
-            self._records = [
-                record_from_trial(spec.label, t)
-                for spec in self._studies
-                if spec.label in self._optuna_studies
-                for t in self._optuna_studies[spec.label].get_trials(deepcopy=False)
-                if t.state not in (TrialState.RUNNING, TrialState.WAITING)
-                and TrialInfo.of(t).skipped is None
-            ]
+            self._records = study_records(self._studies, self._optuna_studies)
         return self._records
 
     def get_results_dataframe(self) -> Any:
@@ -531,14 +468,7 @@ class SKAutoTuner:
 
     def load_tuning_results(self, path: str | os.PathLike[str]) -> None:
         """Read results written by :meth:`save_tuning_results` (no code is executed)."""
-        loaded = read_results(path)
-        if loaded.best_plan is not None:
-            missing = [n for n in loaded.best_plan if n not in self._layout.dense]
-            if missing:
-                raise ValueError(
-                    f"{os.fspath(path)} was made for another model: it sketches {missing}, which "
-                    "this model lacks (or has already sketched)."
-                )
+        loaded = read_results(path, layers=self._layout.dense.keys())
         self._records = loaded.records
         self.best_plan = loaded.best_plan
         self._judge.set_floor(loaded.floor)

@@ -1,0 +1,73 @@
+"""The search variants, one function each: the planned global search, or the sampler's studies.
+
+``strategy="global"`` runs :func:`~sketchtune._planner.run_planned_study` on its
+single study (predicted frontier, bisected with real trials, then refined);
+``"sampler"``, ``"separate"`` and ``"joint"`` let the Optuna sampler search each
+study, warm-started with its most accurate plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import optuna
+
+from sketchtune._best import BestTracker
+from sketchtune._builder import PlanBuilder
+from sketchtune._judge import Judge
+from sketchtune._objective import run_study, warm_start
+from sketchtune._planner import Planner, run_planned_study
+from sketchtune._studies import StudyLayout
+from sketchtune.results import TrialRecord
+from sketchtune.search import OptunaSearch
+
+__all__ = ["run_search"]
+
+
+def run_search(
+    strategy: str | None,
+    layout: StudyLayout,
+    studies: Mapping[str, optuna.Study],
+    judge: Judge,
+    builder: PlanBuilder,
+    search: OptunaSearch,
+    best: BestTracker,
+    *,
+    seed: int,
+    dense_accuracy: float | None,
+    deadline: float | None,
+    verbose: bool,
+    callbacks: Sequence[Callable[[TrialRecord], None]],
+) -> Planner | None:
+    """Run every study of ``layout`` to its budget; the planner of a global search, else ``None``."""
+    if strategy == "global":
+        spec = layout.specs[0]
+        return run_planned_study(
+            spec,
+            studies[spec.label],
+            layout,
+            judge,
+            builder,
+            search,
+            best,
+            seed=seed,
+            dense_accuracy=dense_accuracy,
+            deadline=deadline,
+            verbose=verbose,
+            callbacks=callbacks,
+        )
+    warm_start(search, layout, studies)
+    for spec in layout.specs:
+        run_study(
+            spec,
+            studies[spec.label],
+            layout,
+            judge,
+            search,
+            best,
+            dense_accuracy=dense_accuracy,
+            deadline=deadline,
+            verbose=verbose,
+            callbacks=callbacks,
+        )
+    return None
