@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -185,9 +184,13 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 
 def layer_seconds(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, repeats: int = 5
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, repeats: int = 9
 ) -> float:
-    """Median seconds of one call of ``module`` alone (inference mode, warm-up excluded)."""
+    """Seconds of one call of ``module`` alone: the fastest of ``repeats`` samples.
+
+    The minimum, not the median: on a shared machine a sample is only ever slowed
+    down by others (page faults, preempted threads), never sped up.
+    """
     device = next((t.device for t in args if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
     def sync() -> None:
@@ -215,7 +218,7 @@ def layer_seconds(
                 module(*args, **kwargs)
             sync()
             samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def synthetic_call(
@@ -301,9 +304,45 @@ def group_options(
                 cost += sum(
                     kind.sketch_macs(dense[name], params, c) for c in _calls(recorded, name)
                 )
-        if math.isfinite(error) and cost < dense_cost:
+        if math.isfinite(error):
             candidates.append(Candidate(params, error, cost))
-    return GroupOptions(group.key, dense_cost, tuple(candidates))
+    if timed:
+        candidates = _monotone_costs(candidates)
+    kept = tuple(c for c in candidates if c.cost < dense_cost)
+    return GroupOptions(group.key, dense_cost, kept)
+
+
+def _monotone_costs(candidates: list[Candidate]) -> list[Candidate]:
+    """Timed costs made non-decreasing in the size of the sketch (pool-adjacent-violators).
+
+    A larger rank (or more random features) never runs faster; single timings
+    on a busy machine say otherwise now and then, and one lucky sample would
+    otherwise steer the allocation.
+    """
+
+    def size(c: Candidate) -> float:
+        numbers = [v for v in c.params.values() if isinstance(v, int) and not isinstance(v, bool)]
+        return float(math.prod(numbers)) if numbers else 0.0
+
+    def family(c: Candidate) -> str:
+        return repr(sorted((k, v) for k, v in c.params.items() if not isinstance(v, int)))
+
+    smoothed: dict[int, float] = {}
+    for name in {family(c) for c in candidates}:
+        members = sorted(
+            (i for i, c in enumerate(candidates) if family(c) == name),
+            key=lambda i: size(candidates[i]),
+        )
+        blocks: list[list[float]] = []  # [sum, count] of pooled neighbours
+        for i in members:
+            blocks.append([candidates[i].cost, 1.0])
+            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+                total, count = blocks.pop()
+                blocks[-1][0] += total
+                blocks[-1][1] += count
+        values = [total / count for total, count in blocks for _ in range(int(count))]
+        smoothed.update(zip(members, values, strict=True))
+    return [Candidate(c.params, c.error, smoothed.get(i, c.cost)) for i, c in enumerate(candidates)]
 
 
 def _calls(recorded: Recorded, name: str) -> Sequence[CallShapes]:
