@@ -96,3 +96,22 @@ def test_a_failed_validate_search_leaves_the_model_in_its_mode() -> None:
     with pytest.raises(RuntimeError, match="evaluation bug"):
         trainer(callback(run_on="validate")).validate(model, DataModule(), verbose=False)
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_the_search_runs_under_the_trainers_bf16_precision() -> None:
+    torch.manual_seed(0)
+    model = Classifier(width=64)
+    cb = SketchTuneCallback(
+        LayerConfig(["net.2"], {"num_terms": 1, "low_rank": [4, 8]}),
+        speed="measure",
+        speed_batches=2,
+        warmup_batches=1,
+        n_trials=2,
+        max_accuracy_drop=1.0,
+        strategy="sampler",
+    )
+    t = trainer(cb, precision="bf16-mixed")
+    t.fit(model, DataModule())  # trains, then tunes: every trial validates and predicts in bf16
+    assert cb.results is not None and len(cb.results) == 2
+    assert cb.results.state.eq("COMPLETE").all()
+    assert cb.dense_accuracy is not None
