@@ -253,7 +253,9 @@ class Planner:
             if tag.get("phase") == "frontier" and _feasible(t)
         }
         for t, tag in sorted(finished, key=lambda p: p[0].number):
-            score = _score(t)
+            # the predicted speedup ranks the planner's own trials: a measured one is noisy,
+            # and the confirmation at the end re-times the fastest feasible plans anyway
+            score = self.predicted_speedup(tag["choice"]) if _feasible(t) else None
             boundary = tag.get("phase") != "frontier" or tag.get("point", 0) - 1 in kept
             if score is None and boundary:  # a frontier point past the boundary proves little
                 for g in tag.get("moved") or ():
@@ -357,15 +359,6 @@ def _finished(trial: FrozenTrial) -> bool:
 
 def _feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and bool(TrialInfo.of(trial).feasible)
-
-
-def _score(trial: FrozenTrial) -> float | None:
-    """The speedup of a feasible trial (the FLOP model's when speed is not measured)."""
-    if not _feasible(trial):
-        return None
-    info = TrialInfo.of(trial)
-    value = info.speedup if info.speedup is not None else info.flops_speedup
-    return None if value is None else float(value)
 
 
 def _signature(spec: StudySpec, timed: bool) -> str:
