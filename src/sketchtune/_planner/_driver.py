@@ -12,12 +12,14 @@ study's user attributes (:data:`STUDY_ATTR`) and never recomputed for it.
 
 1. Calibration: bisection over the frontier's points for the most aggressive
    one that keeps the floor (``log2`` of the number of points, evaluations).
-2. Refinement (default sampler): a (1+1) evolution strategy over per-layer
-   error weights; each proposal is a point of the reweighted frontier that is
-   predicted cheaper than the best plan so far, so it is always a coherent
-   plan near the best one (per-layer offsets on the rank ladder). With a
-   sampler of the user's own, the rest of the budget goes to that sampler,
-   warm-started by the frontier trials already in the study.
+2. Refinement (default sampler): local search on the rank ladders around the
+   best plan so far: one layer one to three rungs cheaper, optionally another
+   one or two rungs dearer, always predicted cheaper than the best plan; the
+   least (weighted) predicted error first. A layer whose cheaper step broke the
+   floor weighs more from then on (the measured correction of its
+   sensitivity). With a sampler of the user's own, or once no neighbour is
+   left, the rest of the budget goes to the sampler, warm-started by the
+   planner's trials already in the study.
 """
 
 from __future__ import annotations
@@ -126,11 +128,13 @@ class Planner:
         stored = study.user_attrs.get(STUDY_ATTR)
         if isinstance(stored, dict) and stored.get("signature") == signature:
             options = [GroupOptions.from_dict(g) for g in stored["options"]]
-            start = time.perf_counter()
-            frontier = allocate(options)
-            planner = cls(spec, options, frontier, stored["unit"], seed, refine, loaded=True)
-            planner.allocate_seconds = time.perf_counter() - start
-            return planner
+            kept = stored["frontier"]
+            frontier = Frontier(
+                tuple((int(g), int(c)) for g, c in kept["moves"]),
+                tuple(float(e) for e in kept["errors"]),
+                tuple(float(c) for c in kept["costs"]),
+            )
+            return cls(spec, options, frontier, stored["unit"], seed, refine, loaded=True)
         start = time.perf_counter()
         recorded = Recorded(
             calls=dict(judge.shapes.calls),
