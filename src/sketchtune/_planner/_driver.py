@@ -55,6 +55,7 @@ TAG = "sketchtune:planned"
 
 _PENALTY = 1.5  # weight factor of a group whose cheaper move broke the floor
 _MIN_GAIN = 0.002  # a refinement must be predicted at least this much cheaper
+_BACKS = 24  # dearer steps considered as the second half of a pair
 
 
 def observed_layers(layout: StudyLayout) -> tuple[list[str], list[str]]:
@@ -291,25 +292,18 @@ class Planner:
                         for r in self._rungs(g, chosen, step)
                     ]
                 )
+        # the dearer half of a pair: the steps that buy back the most error (a few suffice)
+        backs = sorted(
+            (e_err, e_cost, h, q) for h, back in enumerate(dearer) for q, e_cost, e_err in back
+        )[:_BACKS]
         moves: list[tuple[float, float, int, int | None, int, int | None]] = []
         for g, moves_down in enumerate(cheaper):
             for r, d_cost, d_err in moves_down:
                 moves.append((base_error + d_err, base_cost + d_cost, g, r, -1, None))
-                for h, back in enumerate(dearer):
-                    if h == g:
-                        continue
-                    for q, e_cost, e_err in back:
-                        if base_cost + d_cost + e_cost < limit:
-                            moves.append(
-                                (
-                                    base_error + d_err + e_err,
-                                    base_cost + d_cost + e_cost,
-                                    g,
-                                    r,
-                                    h,
-                                    q,
-                                )
-                            )
+                for e_err, e_cost, h, q in backs:
+                    if h != g and base_cost + d_cost + e_cost < limit:
+                        error = base_error + d_err + e_err
+                        moves.append((error, base_cost + d_cost + e_cost, g, r, h, q))
         moves.sort(key=lambda m: (m[0], m[1]))
         for _, cost, g, r, h, q in moves:
             if cost >= limit:
