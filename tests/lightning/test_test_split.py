@@ -74,7 +74,7 @@ def test_dense_and_tuned_test_metrics_are_reported(tmp_path: Any) -> None:
     trainer = _trainer(tmp_path, tuner, logger=logger)
     trainer.fit(model, data)
     assert tuner.best_plan and tuner.dense_test_metrics and tuner.tuned_test_metrics
-    assert set(tuner.dense_test_metrics) == {"test_acc", "test_loss"}
+    assert set(tuner.dense_test_metrics) == {"test_acc", "test_loss"}  # the test loop's own
     # the tuned figures are the applied model's own (rank 2 of 128 changes the loss)
     assert abs(tuner.tuned_test_metrics["test_acc"] - _accuracy(model, data)) < 1e-6
     assert tuner.tuned_test_metrics["test_loss"] != tuner.dense_test_metrics["test_loss"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -193,8 +193,9 @@ def test_metrics(trainer: Trainer) -> dict[str, float] | None:
     if not any(h is not None and is_overridden("test_dataloader", h) for h in holders):
         return None
     loop = trainer.test_loop
-    stage, verbose = trainer.state.stage, loop.verbose
-    trainer.state.stage = RunningStage.TESTING
+    fn, stage, verbose = trainer.state.fn, trainer.state.stage, loop.verbose
+    # as trainer.test() runs: test_step's self.log then goes to the test loop's results
+    trainer.state.fn, trainer.state.stage = TrainerFn.TESTING, RunningStage.TESTING
     loop.verbose = False
     try:
         loop.setup_data()
@@ -202,7 +203,7 @@ def test_metrics(trainer: Trainer) -> dict[str, float] | None:
             return None
         outputs = loop.run()
     finally:
-        trainer.state.stage = stage
+        trainer.state.fn, trainer.state.stage = fn, stage
         loop.verbose = verbose
     merged: dict[str, float] = {}
     for logged in outputs:

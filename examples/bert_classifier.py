@@ -1,0 +1,123 @@
+"""A transformers BERT classifier: train -> tune -> recover -> test.
+
+``BertForSequenceClassification(BertConfig(...))`` built from a small config (hidden 256,
+feed-forward 1024, 4 layers, 4 heads; nothing downloaded) reads scikit-learn's 8x8
+digits as 65-token sequences (``[CLS]`` then the 64 pixel intensities, row by row) and
+classifies them. Split 60/20/20 into train / validation / test with a fixed seed.
+
+1. ``trainer.fit`` trains it and, when training ends, ``SketchTuneCallback`` tunes the
+   encoder's 24 Linear layers (query/key/value, attention output, intermediate, output)
+   on the validation split: ``strategy="global"``, measured speed at 16 x 65 tokens, at
+   most 1 point of validation accuracy lost. The callback reports the dense and tuned
+   models' test accuracy.
+2. A short recovery: ``trainer.fit`` again on the sketched model at a lower learning rate.
+3. ``trainer.test`` on the held-out test split.
+
+    python examples/bert_classifier.py           # about 10 minutes on 2 CPU cores
+    python examples/bert_classifier.py --quick   # a smoke run: a narrow model, 3 trials
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer, seed_everything
+
+from sketchtune import LayerConfig, SketchTuneCallback, select_layers
+from sketchtune.examples.text import BertDigitsClassifier, DigitTokensDataModule
+from sketchtune.examples.workflow import DenseCopy, Outcome
+
+#: the encoder's Linear layers; the pooler and classifier see one token per sequence
+ENCODER = {"type": "Linear", "pattern": r"model\.bert\.encoder\.layer\.\d+\..*"}
+
+
+def main(argv: list[str] | None = None) -> Outcome:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--recovery-epochs", type=int, default=2)
+    parser.add_argument("--recovery-lr", type=float, default=1e-4)
+    parser.add_argument("--out", default="runs/bert_classifier")
+    parser.add_argument("--quick", action="store_true", help="a narrow model, 3 trials")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    quiet: dict[str, Any] = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "deterministic": True,
+        "default_root_dir": str(out),
+    }
+    if args.quick:
+        args.hidden, args.layers, args.epochs, args.trials, args.recovery_epochs = 64, 2, 1, 3, 1
+        quiet.update(limit_train_batches=4, limit_val_batches=3, limit_test_batches=3)
+
+    seed_everything(0, workers=True)
+    data = DigitTokensDataModule(batch_size=32, eval_batch_size=16)
+    model = BertDigitsClassifier(hidden=args.hidden, layers=args.layers, heads=4)
+    dense = DenseCopy()  # a copy of the trained dense model, to compare against
+    tuner = SketchTuneCallback(
+        LayerConfig(ENCODER, "auto"),
+        monitor="val_acc",
+        max_accuracy_drop=0.01,
+        n_trials=args.trials,
+        strategy="global",
+        speed="measure",
+        speed_batches=3 if args.quick else 12,
+        warmup_batches=1 if args.quick else 3,
+        seed=0,
+        output_dir=str(out),
+    )
+
+    # 1. train, then tune on the validation split (the callback runs when training ends)
+    start = time.perf_counter()
+    Trainer(max_epochs=args.epochs, callbacks=[dense, tuner], **quiet).fit(model, data)
+    tuned_at = time.perf_counter()
+
+    # 2. recovery: go on training the sketched model briefly, at a lower learning rate
+    tuned_val = tuner.best_accuracy
+    model.lr, model.warmup_steps = args.recovery_lr, 1
+    recovery = Trainer(max_epochs=args.recovery_epochs, **quiet)
+    recovery.fit(model, data)
+    recovered_at = time.perf_counter()
+    (val,) = recovery.validate(model, data, verbose=False)
+
+    # 3. the held-out test split
+    (test,) = Trainer(**quiet).test(model, data, verbose=False)
+    dense_test, tuned_test = tuner.dense_test_metrics or {}, tuner.tuned_test_metrics or {}
+    print(
+        f"test accuracy: dense {dense_test.get('test_acc', float('nan')):.4f}, tuned "
+        f"{tuned_test.get('test_acc', float('nan')):.4f}, after {args.recovery_epochs} recovery "
+        f"epoch(s) {test['test_acc']:.4f}; speedup {tuner.best_speedup or 1.0:.2f}x"
+    )
+    return Outcome(
+        name=f"BERT {args.layers}x{args.hidden} / digits",
+        metric="accuracy",
+        dense_val=tuner.dense_accuracy,
+        tuned_val=tuned_val,
+        dense_test=dense_test.get("test_acc"),
+        tuned_test=tuned_test.get("test_acc"),
+        recovered_val=val["val_acc"],
+        recovered_test=test["test_acc"],
+        speedup=tuner.best_speedup,
+        plan=tuner.best_plan.to_dict() if tuner.best_plan else {},
+        layers_selected=select_layers(dense.model or model, ENCODER),
+        train_seconds=dense.trained_at - start,
+        tune_seconds=tuned_at - dense.trained_at,
+        recovery_seconds=recovered_at - tuned_at,
+        trials=0 if tuner.results is None else len(tuner.results),
+        dense_model=dense.model,
+        model=model,
+        example_input=next(iter(data.predict_dataloader()))[0],
+    )
+
+
+if __name__ == "__main__":
+    main()
