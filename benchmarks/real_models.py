@@ -213,10 +213,13 @@ def markdown(records: dict[str, dict[str, Any]]) -> str:
             v = r["runtimes"].get(key)
             return "n/a" if not isinstance(v, dict) else f"{v['x']:.2f}x"
 
+        speedup = r["confirmed_speedup"]
+        confirmed = "1.00x (dense)" if not r["plan"] or speedup is None else f"{speedup:.2f}x"
+        tuned_val = r["tuned_val"] if r["plan"] else r["dense_val"]
         lines.append(
-            f"| {r['model']} | {r['metric']} | {_fmt(r['dense_val'])} | {_fmt(r['tuned_val'])} "
+            f"| {r['model']} | {r['metric']} | {_fmt(r['dense_val'])} | {_fmt(tuned_val)} "
             f"| {_fmt(r['dense_test'])} | {_fmt(r['tuned_test'])} | {_fmt(r['recovered_test'])} "
-            f"| {_fmt(r['confirmed_speedup'], 2)}x | {x('eager')} | {x('folded eager')} "
+            f"| {confirmed} | {x('eager')} | {x('folded eager')} "
             f"| {x('torch.export')} | {x('onnxruntime')} "
             f"| {r['layers_sketched']}/{r['layers_selected']} | {r['tune_seconds']:.0f} s |"
         )
@@ -263,9 +266,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         x = outcome.example_input
         tuned = copy.deepcopy(outcome.model).eval()
         dense = outcome.dense_model.eval()
-        runtimes = speedups(dense, tuned, x, args.rounds)
+        try:
+            runtimes = speedups(dense, tuned, x, args.rounds)
+        except Exception as exc:  # the tuning outcome is still worth a row
+            runtimes = {"eager": f"failed: {type(exc).__name__}: {exc}"}
         record = row(name, outcome, runtimes)
-        record["profile"] = layer_profile(dense, tuned, x, outcome.layers_selected, args.rounds)
+        try:
+            record["profile"] = layer_profile(dense, tuned, x, outcome.layers_selected, args.rounds)
+        except Exception as exc:
+            record["profile"] = None
+            print(f"{name}: no per-layer profile ({type(exc).__name__}: {exc})")
         records[name] = record
         (out / "real_models.json").write_text(json.dumps(records, indent=1, default=str))
         (out / "real_models.md").write_text(markdown(records))

@@ -1,12 +1,12 @@
 """A transformers BERT classifier: train -> tune -> recover -> test.
 
 ``BertForSequenceClassification(BertConfig(...))`` built from a small config (hidden 256,
-feed-forward 1024, 4 layers, 4 heads; nothing downloaded) reads scikit-learn's 8x8
+feed-forward 1024, 2 layers, 4 heads; nothing downloaded) reads scikit-learn's 8x8
 digits as 65-token sequences (``[CLS]`` then the 64 pixel intensities, row by row) and
 classifies them. Split 60/20/20 into train / validation / test with a fixed seed.
 
 1. ``trainer.fit`` trains it and, when training ends, ``SketchTuneCallback`` tunes the
-   encoder's 24 Linear layers (query/key/value, attention output, intermediate, output)
+   encoder's 12 Linear layers (query/key/value, attention output, intermediate, output)
    on the validation split: ``strategy="global"``, measured speed at 16 x 65 tokens, at
    most 1 point of validation accuracy lost. The callback reports the dense and tuned
    models' test accuracy.
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> Outcome:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--recovery-lr", type=float, default=1e-4)

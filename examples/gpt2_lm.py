@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--train-blocks", type=int, default=4096)
+    parser.add_argument("--train-blocks", type=int, default=2048)
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--recovery-blocks", type=int, default=512)
     parser.add_argument("--recovery-lr", type=float, default=2e-4)
