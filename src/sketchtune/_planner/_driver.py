@@ -150,17 +150,27 @@ class Planner:
             for n in g.names
         ):
             timed = False  # a layer was never called with a recorded shape: price MACs
-        options = [
-            group_options(
-                group,
-                layout.dense,
-                recorded,
-                builder.build,
-                lambda params, g=group: layout.plan_from([g], {g.key: params}),  # type: ignore[misc]
-                timed=timed,
-            )
-            for group in spec.groups
-        ]
+
+        def price(timed: bool) -> list[GroupOptions]:
+            return [
+                group_options(
+                    group,
+                    layout.dense,
+                    recorded,
+                    builder.build,
+                    lambda params, g=group: layout.plan_from([g], {g.key: params}),  # type: ignore[misc]
+                    timed=timed,
+                )
+                for group in spec.groups
+            ]
+
+        options = price(timed)
+        if timed and not all(o.steady for o in options):
+            # The machine is too busy for layer timings to mean anything (a dense layer
+            # timed twice disagreed by more than 1.5x): plan with multiply-adds; the
+            # trials and the confirmation still measure real speed.
+            timed = False
+            options = price(False)
         prepared = time.perf_counter()
         frontier = allocate(options)
         planner = cls(spec, options, frontier, "seconds" if timed else "macs", seed, refine)

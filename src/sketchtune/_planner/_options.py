@@ -44,6 +44,7 @@ __all__ = ["Candidate", "GroupOptions", "candidate_params", "closed_form_errors"
 MAX_CANDIDATES = 64
 _CLOSED_FORM = ("svd", "activation")
 _TIMING_BUDGET = 0.2  # seconds of samples per timed module, after the first three
+_STEADY = 1.5  # the dense layer timed before and after its candidates agrees within this
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class GroupOptions:
     key: str
     dense_cost: float
     candidates: tuple[Candidate, ...]
+    steady: bool = True  # timed costs: the dense layer timed the same before and after
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -312,8 +314,14 @@ def group_options(
             candidates.append(Candidate(params, error, cost))
     if timed:
         candidates = _monotone_costs(candidates)
+    steady = True
+    for name, seconds in dense_seconds.items():
+        call = _call_for_timing(name, dense[name], recorded)
+        if call is not None and math.isfinite(seconds):
+            again = layer_seconds(dense[name], *call)
+            steady = steady and max(again, seconds) <= _STEADY * min(again, seconds)
     kept = tuple(c for c in candidates if c.cost < dense_cost)
-    return GroupOptions(group.key, dense_cost, kept)
+    return GroupOptions(group.key, dense_cost, kept, steady)
 
 
 def _monotone_costs(candidates: list[Candidate]) -> list[Candidate]:
