@@ -268,9 +268,9 @@ class Planner:
             if tag.get("phase") == "frontier" and _feasible(t)
         }
         for t, tag in sorted(finished, key=lambda p: p[0].number):
-            # the predicted speedup ranks the planner's own trials: a measured one is noisy,
-            # and the confirmation at the end re-times the fastest feasible plans anyway
-            score = self.predicted_speedup(tag["choice"]) if _feasible(t) else None
+            # the measured speedup ranks the planner's own trials (the FLOP model's figure
+            # under speed="flops"); the predicted one when speed is not measured at all
+            score = _score(t, self.predicted_speedup(tag["choice"]))
             boundary = tag.get("phase") != "frontier" or tag.get("point", 0) - 1 in kept
             if score is None and boundary:  # a frontier point past the boundary proves little
                 for g in tag.get("moved") or ():
@@ -367,6 +367,14 @@ def _finished(trial: FrozenTrial) -> bool:
 
 def _feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and bool(TrialInfo.of(trial).feasible)
+
+
+def _score(trial: FrozenTrial, predicted: float) -> float | None:
+    """A feasible trial's speedup: measured (or the FLOP model's), else ``predicted``."""
+    if not _feasible(trial):
+        return None
+    speedup = TrialInfo.of(trial).speedup
+    return predicted if speedup is None else float(speedup)
 
 
 def _signature(spec: StudySpec, timed: bool) -> str:
