@@ -174,7 +174,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def row(name: str, outcome: Outcome, runtimes: dict[str, Any]) -> dict[str, Any]:
-    sketched = sorted(outcome.plan.get("layers", {}))  # SketchPlan.to_dict(): {"layers": {...}}
+    sketched = sorted(outcome.plan)  # the plan's layers: {name: {"type", "params", ...}}
     record: dict[str, Any] = {
         "model": outcome.name,
         "metric": outcome.metric,
