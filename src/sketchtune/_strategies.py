@@ -16,12 +16,19 @@ from sketchtune._best import BestTracker
 from sketchtune._builder import PlanBuilder
 from sketchtune._judge import Judge
 from sketchtune._objective import run_study, warm_start
-from sketchtune._planner import Planner, run_planned_study
+from sketchtune._planner import Planner, observed_layers, run_planned_study
 from sketchtune._studies import StudyLayout
 from sketchtune.results import TrialRecord
 from sketchtune.search import OptunaSearch
 
-__all__ = ["run_search"]
+__all__ = ["observed_layers_for", "run_search"]
+
+
+def observed_layers_for(strategy: str | None, layout: StudyLayout) -> tuple[list[str], list[str]]:
+    """Layers whose input statistics / first call the dense baseline records, for ``strategy``."""
+    if strategy == "global":
+        return observed_layers(layout)
+    return layout.layers_to_calibrate(), []
 
 
 def run_search(

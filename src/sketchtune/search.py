@@ -133,6 +133,17 @@ class OptunaSearch:
         self._storage_obj: optuna.storages.BaseStorage | None = None
         self.snapshot: list[FrozenTrial] = []
 
+    @classmethod
+    def coerce(cls, value: Any) -> OptunaSearch:
+        """``value`` itself, or the default search for ``None`` (``search_algorithm=`` of the tuner)."""
+        if value is None:
+            return cls()
+        if not isinstance(value, cls):
+            raise TypeError(
+                f"`search_algorithm` must be an OptunaSearch, got {type(value).__name__}."
+            )
+        return value
+
     def __repr__(self) -> str:
         return (
             f"OptunaSearch(n_trials={self.n_trials}, sampler={type(self.sampler).__name__}, "

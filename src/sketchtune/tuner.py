@@ -41,7 +41,7 @@ from sketchtune._objective import (
     say,
     sigterm_as_interrupt,
 )
-from sketchtune._planner import Planner, observed_layers
+from sketchtune._planner import Planner
 from sketchtune._results import (
     read_results,
     seed_layer_results,
@@ -49,7 +49,7 @@ from sketchtune._results import (
     study_records,
     write_results,
 )
-from sketchtune._strategies import run_search
+from sketchtune._strategies import observed_layers_for, run_search
 from sketchtune._studies import Strategy, StudyLayout, StudySpec, check_configs
 from sketchtune._validation import check_choice, check_int, check_seed, warn
 from sketchtune.config import LayerConfig, TuningConfigs
@@ -63,7 +63,7 @@ from sketchtune.evaluate import (
 from sketchtune.nn import INITS
 from sketchtune.plan import SketchPlan, Swap, apply_plan, build_replacements
 from sketchtune.registry import BuildAids
-from sketchtune.results import TrialRecord
+from sketchtune.results import TrialRecord, format_model_tree, records_dataframe
 from sketchtune.search import OptunaSearch
 
 __all__ = ["SKAutoTuner", "check_configs"]
@@ -109,10 +109,8 @@ class SKAutoTuner:
         dense_accuracy: the dense model's accuracy (when it was measured).
         floor: the resolved :class:`AccuracyFloor`.
         interrupted: ``True`` when the last ``tune()`` was stopped by Ctrl-C.
-        confirmation: with a timed speed objective, the repeated interleaved measurement
-            that confirmed the kept plan (``speedup``, its bootstrap ``lower`` bound,
-            ``dense_throughput``, ``tuned_throughput``, ``rounds``); ``best_speedup`` is
-            its ``speedup``. A plan that is not confirmed faster is never kept.
+        confirmation: with timed speed, the interleaved measurement that confirmed the
+            kept plan (``speedup`` = ``best_speedup``, ``lower``, throughputs, ``rounds``).
         combination_log: the steps of the combined-plan validation.
 
     Example:
@@ -161,11 +159,7 @@ class SKAutoTuner:
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
         self.configs = TuningConfigs.coerce(configs)
-        self.search_algorithm = search_algorithm if search_algorithm is not None else OptunaSearch()
-        if not isinstance(self.search_algorithm, OptunaSearch):
-            raise TypeError(
-                f"`search_algorithm` must be an OptunaSearch, got {type(self.search_algorithm).__name__}."
-            )
+        self.search_algorithm = OptunaSearch.coerce(search_algorithm)
         self.verbose = bool(verbose)
         self.num_runs_per_param = check_int("num_runs_per_param", num_runs_per_param, minimum=1)
         self.strategy = (
@@ -185,13 +179,6 @@ class SKAutoTuner:
         self.seed = base if base is not None else (self.search_algorithm.seed or 0)
 
         # Resolve everything that can be wrong before any trial runs.
-        on_meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
-        if on_meta is not None:
-            raise ValueError(
-                f"`model` has parameters on the meta device (e.g. {on_meta!r}): it holds no "
-                "weights to evaluate or sketch. Load the trained weights first "
-                "(model.to_empty(device=...) + load_state_dict, or load_state_dict(..., assign=True))."
-            )
         self._layout = StudyLayout(
             model,
             self.configs,
@@ -200,11 +187,7 @@ class SKAutoTuner:
             seed=self.seed,
         )
         self._studies: list[StudySpec] = self._layout.specs
-        calibrate, capture = (
-            observed_layers(self._layout)
-            if self.strategy == "global"
-            else (self._layout.layers_to_calibrate(), [])
-        )
+        calibrate, capture = observed_layers_for(self.strategy, self._layout)
         self._builder = PlanBuilder(
             self._layout.dense, self._layout.max_rank, calibrate, capture=capture
         )
@@ -339,9 +322,8 @@ class SKAutoTuner:
     def follow(self) -> None:
         """Run the evaluations another process announces, until it finishes (DDP followers).
 
-        The coordinating process calls :meth:`tune`; every other process builds
-        the same tuner and calls ``follow()``, so collective operations inside the
-        evaluator (metric reduction, broadcasts) line up across processes.
+        Every other process builds the same tuner and calls ``follow()`` while the
+        coordinator calls :meth:`tune`, so collective operations line up.
         """
         self._judge.follow()
 
@@ -444,14 +426,10 @@ class SKAutoTuner:
         ``speedup``, ``score`` (``-inf`` when infeasible), ``feasible``,
         ``trial``, ``state``, ``duration`` (seconds) and ``reason`` (why a trial failed).
         """
-        from sketchtune.results import records_dataframe
-
         return records_dataframe(self.records)
 
     def print_model_tree(self) -> None:
         """Print the model with its sketched layers marked."""
-        from sketchtune.results import format_model_tree
-
         print(format_model_tree(self.model))
 
     def save_tuning_results(self, path: str | os.PathLike[str]) -> None:

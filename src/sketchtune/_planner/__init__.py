@@ -12,11 +12,15 @@ from sketchtune._planner._driver import (
     STUDY_ATTR,
     TAG,
     Planner,
-    observed_layers,
     run_planned_study,
 )
 from sketchtune._planner._frontier import Frontier, allocate
-from sketchtune._planner._options import Candidate, GroupOptions, closed_form_errors
+from sketchtune._planner._options import (
+    Candidate,
+    GroupOptions,
+    closed_form_errors,
+    observed_layers,
+)
 
 __all__ = [
     "STUDY_ATTR",

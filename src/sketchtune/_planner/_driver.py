@@ -42,11 +42,10 @@ from sketchtune._planner._frontier import Frontier, allocate
 from sketchtune._planner._options import GroupOptions, Recorded, group_options
 from sketchtune._studies import ENABLED, StudyLayout, StudySpec
 from sketchtune._trialinfo import TrialInfo
-from sketchtune.kinds._lowrank import LowRankKind
 from sketchtune.results import TrialRecord
 from sketchtune.search import OptunaSearch
 
-__all__ = ["STUDY_ATTR", "TAG", "Planner", "observed_layers", "run_planned_study"]
+__all__ = ["STUDY_ATTR", "TAG", "Planner", "run_planned_study"]
 
 #: study user attribute holding the options and the frontier
 STUDY_ATTR = "sketchtune:planner"
@@ -56,25 +55,6 @@ TAG = "sketchtune:planned"
 _PENALTY = 1.5  # weight factor of a group whose cheaper move broke the floor
 _MIN_GAIN = 0.002  # a refinement must be predicted at least this much cheaper
 _BACKS = 24  # dearer steps considered as the second half of a pair
-
-
-def observed_layers(layout: StudyLayout) -> tuple[list[str], list[str]]:
-    """``(covariance, capture)``: layers whose input statistics / first call the baseline keeps.
-
-    Every low-rank layer that may start from the dense weights gets its input
-    covariance (closed-form errors on real inputs); every layer with a
-    candidate that has no closed form gets its first call recorded.
-    """
-    covariance = set(layout.layers_to_calibrate())
-    capture: set[str] = set()
-    for group in layout.groups:
-        inits = set(group.space["init"].grid()) if "init" in group.space else {"sketch"}
-        low_rank = isinstance(group.kind, LowRankKind) and group.copy_weights
-        if low_rank and inits & {"svd", "activation"}:
-            covariance.update(group.names)
-        if not low_rank or "sketch" in inits:
-            capture.update(group.names)
-    return sorted(covariance), sorted(capture)
 
 
 @dataclass

@@ -32,13 +32,20 @@ import torch
 from torch import nn
 
 from sketchtune._modes import eval_mode
-from sketchtune._studies import Group
+from sketchtune._studies import Group, StudyLayout
 from sketchtune.kinds._base import CallShapes
 from sketchtune.kinds._lowrank import LowRankKind
 from sketchtune.nn import InputCovariance
 from sketchtune.plan import SketchPlan
 
-__all__ = ["Candidate", "GroupOptions", "candidate_params", "closed_form_errors", "Recorded"]
+__all__ = [
+    "Candidate",
+    "GroupOptions",
+    "Recorded",
+    "candidate_params",
+    "closed_form_errors",
+    "observed_layers",
+]
 
 #: the most candidates one layer offers the planner (a longer grid is thinned geometrically)
 MAX_CANDIDATES = 64
@@ -380,3 +387,22 @@ def _dense_cost(
     if name in seconds and math.isfinite(seconds[name]):
         return seconds[name] * max(1, len(recorded.calls.get(name, ())))
     return sum(group.kind.dense_macs(dense[name], c) for c in _calls(recorded, name))
+
+
+def observed_layers(layout: StudyLayout) -> tuple[list[str], list[str]]:
+    """``(covariance, capture)``: layers whose input statistics / first call the baseline keeps.
+
+    Every low-rank layer that may start from the dense weights gets its input
+    covariance (closed-form errors on real inputs); every layer with a
+    candidate that has no closed form gets its first call recorded.
+    """
+    covariance = set(layout.layers_to_calibrate())
+    capture: set[str] = set()
+    for group in layout.groups:
+        inits = set(group.space["init"].grid()) if "init" in group.space else {"sketch"}
+        low_rank = isinstance(group.kind, LowRankKind) and group.copy_weights
+        if low_rank and inits & {"svd", "activation"}:
+            covariance.update(group.names)
+        if not low_rank or "sketch" in inits:
+            capture.update(group.names)
+    return sorted(covariance), sorted(capture)
