@@ -20,15 +20,13 @@ classifies them. Split 60/20/20 into train / validation / test with a fixed seed
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
-from typing import Any
 
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
-from sketchtune import LayerConfig, SketchTuneCallback, select_layers
+from sketchtune import LayerConfig, SketchTuneCallback
 from sketchtune.examples.text import BertDigitsClassifier, DigitTokensDataModule
-from sketchtune.examples.workflow import DenseCopy, Outcome
+from sketchtune.examples.workflow import Outcome, quiet_trainer_args, run_workflow
 
 #: the encoder's Linear layers; the pooler and classifier see one token per sequence
 ENCODER = {"type": "Linear", "pattern": r"model\.bert\.encoder\.layer\.\d+\..*"}
@@ -48,13 +46,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     parser.add_argument("--quick", action="store_true", help="a narrow model, 3 trials")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    quiet: dict[str, Any] = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "deterministic": True,
-        "default_root_dir": str(out),
-    }
+    quiet = quiet_trainer_args(out)
     if args.quick:
         args.hidden, args.layers, args.epochs, args.trials, args.recovery_epochs = 64, 2, 1, 3, 1
         quiet.update(limit_train_batches=4, limit_val_batches=3, limit_test_batches=3)
@@ -62,7 +54,6 @@ def main(argv: list[str] | None = None) -> Outcome:
     seed_everything(0, workers=True)
     data = DigitTokensDataModule(batch_size=32, eval_batch_size=16)
     model = BertDigitsClassifier(hidden=args.hidden, layers=args.layers, heads=4)
-    dense = DenseCopy()  # a copy of the trained dense model, to compare against
     tuner = SketchTuneCallback(
         LayerConfig(ENCODER, "auto"),
         monitor="val_acc",
@@ -76,46 +67,18 @@ def main(argv: list[str] | None = None) -> Outcome:
         output_dir=str(out),
     )
 
-    # 1. train, then tune on the validation split (the callback runs when training ends)
-    start = time.perf_counter()
-    Trainer(max_epochs=args.epochs, callbacks=[dense, tuner], **quiet).fit(model, data)
-    tuned_at = time.perf_counter()
-
-    # 2. recovery: go on training the sketched model briefly, at a lower learning rate
-    tuned_val = tuner.best_accuracy
-    model.lr, model.warmup_steps = args.recovery_lr, 1
-    recovery = Trainer(max_epochs=args.recovery_epochs, **quiet)
-    recovery.fit(model, data)
-    recovered_at = time.perf_counter()
-    (val,) = recovery.validate(model, data, verbose=False)
-
-    # 3. the held-out test split
-    (test,) = Trainer(**quiet).test(model, data, verbose=False)
-    dense_test, tuned_test = tuner.dense_test_metrics or {}, tuner.tuned_test_metrics or {}
-    print(
-        f"test accuracy: dense {dense_test.get('test_acc', float('nan')):.4f}, tuned "
-        f"{tuned_test.get('test_acc', float('nan')):.4f}, after {args.recovery_epochs} recovery "
-        f"epoch(s) {test['test_acc']:.4f}; speedup {tuner.best_speedup or 1.0:.2f}x"
-    )
-    return Outcome(
-        name=f"BERT {args.layers}x{args.hidden} / digits",
-        metric="accuracy",
-        dense_val=tuner.dense_accuracy,
-        tuned_val=tuned_val,
-        dense_test=dense_test.get("test_acc"),
-        tuned_test=tuned_test.get("test_acc"),
-        recovered_val=val["val_acc"],
-        recovered_test=test["test_acc"],
-        speedup=tuner.best_speedup,
-        plan=tuner.best_plan.to_dict()["layers"] if tuner.best_plan else {},
-        layers_selected=select_layers(dense.model or model, ENCODER),
-        train_seconds=dense.trained_at - start,
-        tune_seconds=tuned_at - dense.trained_at,
-        recovery_seconds=recovered_at - tuned_at,
-        trials=0 if tuner.results is None else len(tuner.results),
-        dense_model=dense.model,
-        model=model,
-        example_input=next(iter(data.predict_dataloader()))[0],
+    return run_workflow(
+        f"BERT {args.layers}x{args.hidden} / digits",
+        model,
+        data,
+        tuner,
+        ENCODER,
+        key="acc",
+        epochs=args.epochs,
+        recovery_lr=args.recovery_lr,
+        recovery={"max_epochs": args.recovery_epochs},
+        quiet=quiet,
+        example_input=lambda batch: batch[0],
     )
 
 

@@ -21,15 +21,14 @@ files are held out: every 10th file is validation, the next one test.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
-from sketchtune import LayerConfig, SketchTuneCallback, select_layers
+from sketchtune import LayerConfig, SketchTuneCallback
 from sketchtune.examples.text import GPT2ByteLM, StdlibBytesDataModule
-from sketchtune.examples.workflow import DenseCopy, Outcome
+from sketchtune.examples.workflow import Outcome, quiet_trainer_args, run_workflow
 
 #: the blocks' Conv1D layers (attention in and out projections, MLP)
 BLOCKS = r"model\.transformer\.h\.\d+\.(attn|mlp)\.c_(attn|proj|fc)"
@@ -50,21 +49,18 @@ def main(argv: list[str] | None = None) -> Outcome:
     parser.add_argument("--quick", action="store_true", help="a narrow model, 3 trials")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    quiet: dict[str, Any] = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "deterministic": True,
-        "default_root_dir": str(out),
-    }
+    quiet = quiet_trainer_args(out)
     if args.quick:
         args.n_embd, args.layers, args.trials = 64, 2, 3
         quiet.update(limit_train_batches=4, limit_val_batches=3, limit_test_batches=3)
 
+    # the recovery reads a few hundred windows (a quick run's limits stay as they are)
+    recovery: dict[str, Any] = {"max_epochs": 1}
+    if not args.quick:
+        recovery["limit_train_batches"] = args.recovery_blocks // 16
     seed_everything(0, workers=True)
     data = StdlibBytesDataModule(block=128, batch_size=16, train_blocks=args.train_blocks)
     model = GPT2ByteLM(n_embd=args.n_embd, n_layer=args.layers, n_head=4, block=128)
-    dense = DenseCopy()  # a copy of the trained dense model, to compare against
     tuner = SketchTuneCallback(
         LayerConfig(BLOCKS, "auto"),
         monitor="val_loss",
@@ -80,46 +76,18 @@ def main(argv: list[str] | None = None) -> Outcome:
         output_dir=str(out),
     )
 
-    # 1. train, then tune on the validation split (the callback runs when training ends)
-    start = time.perf_counter()
-    Trainer(max_epochs=args.epochs, callbacks=[dense, tuner], **quiet).fit(model, data)
-    tuned_at = time.perf_counter()
-
-    # 2. recovery: go on training the sketched model briefly, at a lower learning rate
-    tuned_val = tuner.best_accuracy
-    model.lr, model.warmup_steps = args.recovery_lr, 1
-    recovery = Trainer(max_epochs=1, **{"limit_train_batches": args.recovery_blocks // 16, **quiet})
-    recovery.fit(model, data)
-    recovered_at = time.perf_counter()
-    (val,) = recovery.validate(model, data, verbose=False)
-
-    # 3. the held-out test files
-    (test,) = Trainer(**quiet).test(model, data, verbose=False)
-    dense_test, tuned_test = tuner.dense_test_metrics or {}, tuner.tuned_test_metrics or {}
-    print(
-        f"test loss (nats/byte): dense {dense_test.get('test_loss', float('nan')):.4f}, tuned "
-        f"{tuned_test.get('test_loss', float('nan')):.4f}, after recovery "
-        f"{test['test_loss']:.4f}; speedup {tuner.best_speedup or 1.0:.2f}x"
-    )
-    return Outcome(
-        name=f"GPT-2 {args.layers}x{args.n_embd} / stdlib bytes",
-        metric="loss",
-        dense_val=tuner.dense_accuracy,
-        tuned_val=tuned_val,
-        dense_test=dense_test.get("test_loss"),
-        tuned_test=tuned_test.get("test_loss"),
-        recovered_val=val["val_loss"],
-        recovered_test=test["test_loss"],
-        speedup=tuner.best_speedup,
-        plan=tuner.best_plan.to_dict()["layers"] if tuner.best_plan else {},
-        layers_selected=select_layers(dense.model or model, BLOCKS),
-        train_seconds=dense.trained_at - start,
-        tune_seconds=tuned_at - dense.trained_at,
-        recovery_seconds=recovered_at - tuned_at,
-        trials=0 if tuner.results is None else len(tuner.results),
-        dense_model=dense.model,
-        model=model,
-        example_input=next(iter(data.predict_dataloader()))[0][:, :-1],
+    return run_workflow(
+        f"GPT-2 {args.layers}x{args.n_embd} / stdlib bytes",
+        model,
+        data,
+        tuner,
+        BLOCKS,
+        key="loss",
+        epochs=args.epochs,
+        recovery_lr=args.recovery_lr,
+        recovery=recovery,
+        quiet=quiet,
+        example_input=lambda batch: batch[0][:, :-1],
     )
 
 

@@ -19,15 +19,13 @@ The workflow on a real architecture, on the 5,000 MNIST digits that ship with ml
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
-from typing import Any
 
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
-from sketchtune import LayerConfig, SketchTuneCallback, select_layers
+from sketchtune import LayerConfig, SketchTuneCallback
 from sketchtune.examples.resnet import MNISTDataModule, MNISTResNet
-from sketchtune.examples.workflow import DenseCopy, Outcome
+from sketchtune.examples.workflow import Outcome, quiet_trainer_args, run_workflow
 
 #: every convolution of the four stages; the stem (one input channel) and fc are cheap
 CONVS = {"type": "Conv2d", "pattern": r"net\.layer\d\..*"}
@@ -45,13 +43,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     parser.add_argument("--quick", action="store_true", help="a few batches, 3 trials")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    quiet: dict[str, Any] = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "deterministic": True,
-        "default_root_dir": str(out),
-    }
+    quiet = quiet_trainer_args(out)
     convs = CONVS
     if args.quick:  # the planner's per-layer statistics of 19 wide convolutions take minutes
         args.epochs, args.trials, args.recovery_epochs = 1, 3, 1
@@ -61,7 +53,6 @@ def main(argv: list[str] | None = None) -> Outcome:
     seed_everything(0, workers=True)
     data = MNISTDataModule(batch_size=64)
     model = MNISTResNet()
-    dense = DenseCopy()  # a copy of the trained dense model, to compare against
     tuner = SketchTuneCallback(
         LayerConfig(convs, "auto"),
         monitor="val_acc",
@@ -75,46 +66,18 @@ def main(argv: list[str] | None = None) -> Outcome:
         output_dir=str(out),
     )
 
-    # 1. train, then tune on the validation split (the callback runs when training ends)
-    start = time.perf_counter()
-    Trainer(max_epochs=args.epochs, callbacks=[dense, tuner], **quiet).fit(model, data)
-    tuned_at = time.perf_counter()
-
-    # 2. recovery: go on training the sketched model briefly, at a lower learning rate
-    tuned_val = tuner.best_accuracy
-    model.lr = args.recovery_lr
-    recovery = Trainer(max_epochs=args.recovery_epochs, **quiet)
-    recovery.fit(model, data)
-    recovered_at = time.perf_counter()
-    (val,) = recovery.validate(model, data, verbose=False)
-
-    # 3. the held-out test split
-    (test,) = Trainer(**quiet).test(model, data, verbose=False)
-    dense_test, tuned_test = tuner.dense_test_metrics or {}, tuner.tuned_test_metrics or {}
-    print(
-        f"test accuracy: dense {dense_test.get('test_acc', float('nan')):.4f}, tuned "
-        f"{tuned_test.get('test_acc', float('nan')):.4f}, after {args.recovery_epochs} recovery "
-        f"epoch(s) {test['test_acc']:.4f}; speedup {tuner.best_speedup or 1.0:.2f}x"
-    )
-    return Outcome(
-        name="ResNet-18 / MNIST",
-        metric="accuracy",
-        dense_val=tuner.dense_accuracy,
-        tuned_val=tuned_val,
-        dense_test=dense_test.get("test_acc"),
-        tuned_test=tuned_test.get("test_acc"),
-        recovered_val=val["val_acc"],
-        recovered_test=test["test_acc"],
-        speedup=tuner.best_speedup,
-        plan=tuner.best_plan.to_dict()["layers"] if tuner.best_plan else {},
-        layers_selected=select_layers(dense.model or model, convs),
-        train_seconds=dense.trained_at - start,
-        tune_seconds=tuned_at - dense.trained_at,
-        recovery_seconds=recovered_at - tuned_at,
-        trials=0 if tuner.results is None else len(tuner.results),
-        dense_model=dense.model,
-        model=model,
-        example_input=next(iter(data.predict_dataloader()))[0],
+    return run_workflow(
+        "ResNet-18 / MNIST",
+        model,
+        data,
+        tuner,
+        convs,
+        key="acc",
+        epochs=args.epochs,
+        recovery_lr=args.recovery_lr,
+        recovery={"max_epochs": args.recovery_epochs},
+        quiet=quiet,
+        example_input=lambda batch: batch[0],
     )
 
 
