@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from sketchtune.examples._steps import ClassifierSteps
 
 __all__ = ["BasicBlock", "MNISTDataModule", "MNISTResNet", "ResNet", "resnet18"]
 
@@ -179,7 +180,7 @@ class MNISTDataModule(LightningDataModule):
         return DataLoader(self.sets["val"], batch_size=self.batch_size)
 
 
-class MNISTResNet(LightningModule):
+class MNISTResNet(ClassifierSteps):
     """torchvision's :func:`resnet18` (its 7x7 stride-2 stem, 1 channel, 10 classes) with AdamW.
 
     On 28x28 digits the stages run at 7x7, 4x4, 2x2 and 1x1 (torchvision's stem keeps
@@ -203,30 +204,6 @@ class MNISTResNet(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.net(x)
         return out
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def _evaluate(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
-        x, y = batch
-        logits = self(x)
-        accuracy = (logits.argmax(1) == y).float().mean()
-        self.log(f"{stage}_loss", F.cross_entropy(logits, y))
-        self.log(f"{stage}_acc", accuracy, prog_bar=True)
-        return {f"{stage}_acc": accuracy}
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._evaluate(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        logits: torch.Tensor = self(batch[0])
-        return logits.argmax(1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 
+from sketchtune.examples._steps import ClassifierSteps, warmup_adamw
 from sketchtune.examples.digits import _load_digits
 
 __all__ = ["BertDigitsClassifier", "DigitTokensDataModule", "GPT2ByteLM", "StdlibBytesDataModule"]
@@ -79,7 +80,7 @@ class DigitTokensDataModule(LightningDataModule):
         return DataLoader(self.sets["val"], batch_size=self.eval_batch_size)
 
 
-class BertDigitsClassifier(LightningModule):
+class BertDigitsClassifier(ClassifierSteps):
     """``BertForSequenceClassification`` from a small ``BertConfig``, trained with AdamW.
 
     The transformers model is ``self.model`` (layers ``model.bert.encoder.layer.0.
@@ -125,37 +126,8 @@ class BertDigitsClassifier(LightningModule):
         logits: torch.Tensor = self.model(input_ids=tokens).logits
         return logits
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        tokens, y = batch
-        loss = F.cross_entropy(self(tokens), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def _evaluate(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
-        tokens, y = batch
-        logits = self(tokens)
-        accuracy = (logits.argmax(1) == y).float().mean()
-        self.log(f"{stage}_loss", F.cross_entropy(logits, y))
-        self.log(f"{stage}_acc", accuracy, prog_bar=True)
-        return {f"{stage}_acc": accuracy}
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._evaluate(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        logits: torch.Tensor = self(batch[0])
-        return logits.argmax(1)
-
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
-        warmup = max(1, self.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return warmup_adamw(self, self.lr, self.warmup_steps)
 
 
 def stdlib_sources() -> list[Path]:
@@ -308,9 +280,4 @@ class GPT2ByteLM(LightningModule):
         return logits
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
-        warmup = max(1, self.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return warmup_adamw(self, self.lr, self.warmup_steps)
