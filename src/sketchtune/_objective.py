@@ -118,7 +118,9 @@ def make_objective(
         plan = layout.suggest(spec, trial)
         twin = finished_twin(trial, search.snapshot) or _await_running_twin(trial, search)
         if twin is not None:
-            dataclasses.replace(TrialInfo.of(twin), duplicate_of=twin.number).write(trial)
+            dataclasses.replace(TrialInfo.of(twin), duplicate_of=twin.number, worker=WORKER).write(
+                trial
+            )
             set_constraint(trial, constraint_of(twin))
             assert twin.value is not None
             return twin.value
