@@ -317,9 +317,13 @@ class RunSummary:
     feasible: int
     storage: str | None
     study_name: str | None
+    confirmed_speedup: float | None = None
 
     @property
     def speedup(self) -> float | None:
+        """The confirmed speedup (median per-round ratio), else the ratio of the throughputs."""
+        if self.confirmed_speedup is not None:
+            return self.confirmed_speedup
         if self.dense_throughput and self.tuned_throughput:
             return self.tuned_throughput / self.dense_throughput
         return None

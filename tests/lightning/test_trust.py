@@ -115,3 +115,23 @@ def test_the_search_runs_under_the_trainers_bf16_precision() -> None:
     assert cb.results is not None and len(cb.results) == 2
     assert cb.results.state.eq("COMPLETE").all()
     assert cb.dense_accuracy is not None
+
+
+def test_the_summary_shows_the_confirmed_speedup() -> None:
+    torch.manual_seed(0)
+    cb = SketchTuneCallback(
+        LayerConfig(["net.2", "net.4"], {"num_terms": 1, "low_rank": [2]}),
+        speed="measure",
+        speed_batches=2,
+        warmup_batches=1,
+        n_trials=2,
+        max_accuracy_drop=1.0,
+        strategy="sampler",
+    )
+    trainer(cb).fit(Classifier(width=512), DataModule())
+    assert cb.summary is not None and cb.tuner is not None
+    if cb.best_plan:  # kept only when confirmed faster
+        assert cb.tuner.confirmation is not None
+        assert cb.summary.speedup == cb.best_speedup == cb.tuner.confirmation["speedup"]
+    else:
+        assert cb.summary.speedup is None and cb.best_speedup is None

@@ -216,6 +216,8 @@ def summarize(
         feasible=int(results.feasible.sum()) if len(results) else 0,
         storage=storage if isinstance(storage, str) else None,
         study_name=search.study_name,
+        # the same figure as best_speedup: the median of the confirmation's per-round ratios
+        confirmed_speedup=tuner.best_speedup if plan and tuner.confirmation else None,
     )
     text = "sketchtune: dense vs tuned\n" + summary.table() + "\n" + summary.dashboard_hint()
     if output_dir is not None:
