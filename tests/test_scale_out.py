@@ -37,7 +37,8 @@ def test_three_workers_share_a_30_trial_study(postgres_url: str, tmp_path: Path)
     config["sketch"].update(
         n_trials=30,
         speed="measure",
-        speed_batches=2,
+        # trials long enough that every worker is up before the budget is used
+        speed_batches=16,
         warmup_batches=1,
         sampler=None,
         configs=[
