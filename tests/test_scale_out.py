@@ -34,13 +34,21 @@ def _worker_command(config: Path, storage: str, out: Path) -> list[str]:
 
 def test_three_workers_share_a_30_trial_study(postgres_url: str, tmp_path: Path) -> None:
     config = yaml.safe_load(CONFIG.read_text())
+    # The workers meet before they fit, each trial's validation takes wall time, and an
+    # unseeded sampler gives each worker its own proposals (a seeded one, or the planner,
+    # proposes the same plans in every worker, and a duplicate is answered at once from its
+    # twin), so every worker takes part however the machine's load staggers their start-up.
+    config["model"] = {
+        "class_path": "tests.lightning.boring.PacedClassifier",
+        "init_args": {"width": 64, "barrier_dir": str(tmp_path / "barrier"), "parties": 3},
+    }
     config["sketch"].update(
         n_trials=30,
         speed="measure",
-        # trials long enough that every worker is up before the budget is used
-        speed_batches=16,
+        speed_batches=4,
         warmup_batches=1,
-        sampler=None,
+        strategy="sampler",
+        sampler={"class_path": "optuna.samplers.RandomSampler"},
         configs=[
             {
                 "layer_names": {"type": "Linear", "pattern": r"net\.[02]"},

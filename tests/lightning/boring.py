@@ -63,3 +63,46 @@ class Classifier(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class PacedClassifier(Classifier):
+    """A Classifier for multi-process tests: the workers meet before they fit, and trials take time.
+
+    Every process that builds one registers in ``barrier_dir`` and waits (in ``on_fit_start``)
+    until ``parties`` have, so no worker can use a shared budget up before the others start;
+    each validation batch then sleeps ``val_delay`` seconds, so the workers' trials interleave
+    in wall time however fast or loaded the machine is.
+    """
+
+    def __init__(
+        self,
+        barrier_dir: str,
+        parties: int,
+        val_delay: float = 0.05,
+        width: int = 128,
+        lr: float = 0.01,
+        return_metrics: bool = False,
+    ) -> None:
+        super().__init__(width=width, lr=lr, return_metrics=return_metrics)
+
+    def on_fit_start(self) -> None:
+        import os
+        import time
+        from pathlib import Path
+
+        directory = Path(self.hparams.barrier_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / str(os.getpid())).touch()
+        deadline = time.monotonic() + 300
+        while len(list(directory.iterdir())) < self.hparams.parties:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(list(directory.iterdir()))} workers reached the barrier"
+                )
+            time.sleep(0.05)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor] | None:
+        import time
+
+        time.sleep(self.hparams.val_delay)
+        return super().validation_step(batch, batch_idx)
