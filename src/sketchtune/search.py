@@ -22,6 +22,7 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -345,6 +346,7 @@ def open_rdb_storage(
         kwargs.update(
             {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period, key: retry}
         )
+    _make_sqlite_folder(url)
     try:
         storage = _create_rdb_storage(url, kwargs)
     except Exception as exc:  # sqlalchemy raises many types; the message is what matters
@@ -357,6 +359,20 @@ def open_rdb_storage(
     if url.startswith("sqlite"):
         _fast_sqlite(storage)
     return storage
+
+
+def _make_sqlite_folder(url: str) -> None:
+    """Create the folder of a SQLite file (``sqlite:///runs/x/study.db``), as ``output_dir`` is."""
+    if not url.startswith("sqlite"):
+        return
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+    except Exception:  # a malformed URL: opening it reports the problem
+        return
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
 # Several workers creating the schema of a new database at once: all but one lose the race.
