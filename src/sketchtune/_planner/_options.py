@@ -194,7 +194,7 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 
 def layer_seconds(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, repeats: int = 9
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, repeats: int = 5
 ) -> float:
     """Seconds of one call of ``module`` alone: the fastest of ``repeats`` samples.
 
