@@ -340,3 +340,27 @@ def test_measured_speed_prices_each_layer_timed_alone() -> None:
         assert all(c.cost < option.dense_cost for c in option.candidates)
         by_rank = sorted(option.candidates, key=lambda c: c.params["low_rank"])
         assert all(a.cost <= b.cost for a, b in itertools.pairwise(by_rank))
+
+
+def test_a_worker_bisects_beside_a_point_another_worker_is_evaluating(
+    trained: tuple[Net, torch.Tensor, torch.Tensor],
+) -> None:
+    net, x, y = trained
+    storage = optuna.storages.InMemoryStorage()
+    tuner = _tuner(net, x, y, trials=1, storage=storage, study_name="shared")
+    tuner.tune()
+    planner, study = tuner.planner, tuner.search_algorithm.study
+    assert planner is not None and study is not None
+    # another worker takes the next bisection point and is evaluating it (a RUNNING trial)
+    first = planner.next(study.get_trials(deepcopy=False))
+    assert first is not None and first.tag["phase"] == "frontier"
+    study.enqueue_trial(first.params, user_attrs={TAG: first.tag})
+    running = study.ask()
+    assert running.user_attrs[TAG]["point"] == first.tag["point"]
+    # this worker bisects one side of it instead of waiting on the same point
+    second = planner.next(study.get_trials(deepcopy=False))
+    assert second is not None and second.tag["phase"] == "frontier"
+    assert second.tag["point"] != first.tag["point"]
+    # when the running point finishes, the bisection goes on from what both found
+    study.tell(running, state=optuna.trial.TrialState.FAIL)
+    assert planner.next(study.get_trials(deepcopy=False)).tag["point"] == first.tag["point"]  # type: ignore[union-attr]

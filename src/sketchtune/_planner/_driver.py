@@ -25,6 +25,7 @@ study's user attributes (:data:`STUDY_ATTR`) and never recomputed for it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -219,7 +220,7 @@ class Planner:
             if tag.get("phase") == "frontier" and not _feasible(t) and int(tag["point"]) > lo:
                 hi = min(hi, int(tag["point"]))
         if hi - lo > 1:
-            point = (lo + hi) // 2
+            point = _next_point(lo, hi, planned)
             choice = self.frontier.choice(point, len(self.options))
             moved = [self.frontier.moves[point - 1][0]]  # the group its last step changed
             tag = {"phase": "frontier", "point": point, "choice": choice, "moved": moved}
@@ -337,6 +338,31 @@ class Planner:
         position = max(above)
         target = position - offset
         return [ladder[target]] if 0 <= target < len(ladder) and target != position else []
+
+
+def _next_point(lo: int, hi: int, planned: Sequence[tuple[FrozenTrial, dict[str, Any]]]) -> int:
+    """The frontier point to bisect at between ``lo`` (kept) and ``hi`` (broke).
+
+    Points other workers are evaluating now split the interval too: the midpoint
+    of the widest part left (the more aggressive one on a tie), so workers sharing
+    the study bisect in parallel instead of waiting on one point. When every point
+    between is in flight, the midpoint (answered by its running twin).
+    """
+    flight = sorted(
+        {
+            int(tag["point"])
+            for t, tag in planned
+            if t.state in (TrialState.RUNNING, TrialState.WAITING)
+            and tag.get("phase") == "frontier"
+            and lo < int(tag["point"]) < hi
+        }
+    )
+    bounds = [lo, *flight, hi]
+    gaps = [(b - a, a) for a, b in itertools.pairwise(bounds) if b - a > 1]
+    if not gaps:
+        return (lo + hi) // 2
+    width, start = max(gaps)
+    return start + width // 2
 
 
 def _finished(trial: FrozenTrial) -> bool:
