@@ -303,7 +303,6 @@ def test_a_wrong_storage_url_fails_before_any_evaluation() -> None:
         OptunaSearch(storage="postgresql+psycopg://u:pw@127.0.0.1:1/x").check_storage()
 
 
-
 def test_a_sqlite_file_in_a_folder_not_made_yet_is_created_with_its_folder(tmp_path: Path) -> None:
     # the main job's config keeps its study in runs/<name>/study.db; a fresh clone has no runs/
     url = f"sqlite:///{tmp_path}/runs/new/study.db"
@@ -312,6 +311,7 @@ def test_a_sqlite_file_in_a_folder_not_made_yet_is_created_with_its_folder(tmp_p
     study = optuna.create_study(storage=url, study_name="s")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 1
+
 
 # -- 8. aliased and tied modules ----------------------------------------------------------------
 
