@@ -71,3 +71,31 @@ def test_finetuned_trials_report_what_is_left_behind() -> None:
     assert cb.summary is not None and cb.summary.tuned_accuracy == pytest.approx(left_behind)
     zero_shot = apply_plan(copy.deepcopy(dense), cb.best_plan)
     assert not torch.equal(zero_shot.net[2].S1, model.net[2].S1)
+
+
+class StagedDataModule(DataModule):
+    """Makes each split only for the stage that needs it, as Lightning's docs show."""
+
+    def setup(self, stage: str) -> None:
+        from .boring import make_data
+
+        if stage == "fit":
+            self.train = make_data(1024, seed=0)
+        self.val = make_data(256, seed=1)
+
+
+def test_validate_mode_fine_tuning_sets_up_the_training_split() -> None:
+    seed_everything(0)
+    model = Classifier()
+    trainer(max_epochs=1).fit(model, DataModule())
+    cb = callback(
+        run_on="validate",
+        configs=LayerConfig(["net.2"], {"num_terms": 1, "low_rank": [8]}),
+        finetune_steps=2,
+        n_trials=1,
+    )
+    # trainer.validate runs setup("validate") only: the training split is not made yet
+    trainer(callbacks=[cb], limit_train_batches=2).validate(
+        model, StagedDataModule(), verbose=False
+    )
+    assert cb.best_plan and isinstance(model.net[2], SKLinear)

@@ -135,7 +135,13 @@ def training_batches(trainer: Trainer, pl_module: LightningModule) -> tuple[Iter
                 "finetune_steps > 0 needs training data: give the Trainer a datamodule or "
                 "module with train_dataloader(), or set finetune_steps=0."
             )
-        loader = source.train_dataloader()
+        try:
+            loader = source.train_dataloader()
+        except AttributeError:
+            # trainer.validate() ran setup("validate") only, and a datamodule that makes
+            # each split for the stage that needs it has no training split yet
+            source.setup("fit")
+            loader = source.train_dataloader()
     length = trainer.num_training_batches  # honours limit_train_batches after a fit
     if not 0 < length < float("inf"):
         try:
