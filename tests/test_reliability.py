@@ -472,5 +472,7 @@ def test_failed_trials_with_a_reason_print_no_traceback(caplog: pytest.LogCaptur
         warnings.simplefilter("ignore")
         tuner.tune()
     assert set(tuner.get_results_dataframe().state) == {"FAIL"}
-    assert not [r for r in caplog.records if r.name.startswith("optuna") and r.exc_info]
-    assert math.isnan(float("nan"))
+    optuna_lines = [r for r in caplog.records if r.name.startswith("optuna")]
+    assert not [r for r in optuna_lines if r.exc_info]
+    # nor Optuna's follow-up line for them ("Trial N failed with value None.")
+    assert not [r for r in optuna_lines if "failed with value" in r.getMessage()]

@@ -255,11 +255,27 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 class _DropOurFailures(logging.Filter):
-    """Optuna logs every failed trial with a traceback; ours carry a recorded reason instead."""
+    """Optuna logs every failed trial with a traceback; ours carry a recorded reason instead.
+
+    Optuna follows the traceback with a second line, "Trial N failed with value None.",
+    which carries no exception: it is dropped for the trials whose first line was.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dropped: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, (TrialFailed, OverBudget))
+        message = record.getMessage()
+        trial = message.split(" failed with ", 1)[0]  # "Trial 12"
+        if isinstance(exc, (TrialFailed, OverBudget)):
+            self._dropped.add(trial)
+            return False
+        if message.startswith(f"{trial} failed with value ") and trial in self._dropped:
+            self._dropped.discard(trial)
+            return False
+        return True
 
 
 @contextmanager
