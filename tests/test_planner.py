@@ -7,6 +7,7 @@ import copy
 import itertools
 import random
 import time
+from typing import Any
 
 import optuna
 import pytest
@@ -364,3 +365,43 @@ def test_a_worker_bisects_beside_a_point_another_worker_is_evaluating(
     # when the running point finishes, the bisection goes on from what both found
     study.tell(running, state=optuna.trial.TrialState.FAIL)
     assert planner.next(study.get_trials(deepcopy=False)).tag["point"] == first.tag["point"]  # type: ignore[union-attr]
+
+
+class _Contended(optuna.storages.InMemoryStorage):
+    """A storage where another worker's planner data lands right after this worker stores its own
+    (two workers that started on one study together, the other one a moment slower)."""
+
+    def __init__(self, theirs: dict[str, Any]) -> None:
+        super().__init__()
+        self.theirs = theirs
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        super().set_study_user_attr(study_id, key, value)
+        if key == STUDY_ATTR and value is not self.theirs:
+            super().set_study_user_attr(study_id, key, self.theirs)
+
+
+def test_workers_starting_together_plan_from_the_options_stored_first(
+    trained: tuple[Net, torch.Tensor, torch.Tensor],
+) -> None:
+    net, x, y = trained
+    first = _tuner(net, x, y, trials=1)
+    first.tune()
+    study = first.search_algorithm.study
+    assert study is not None and first.planner is not None
+    theirs = copy.deepcopy(study.user_attrs[STUDY_ATTR])
+    # the other worker's frontier differs (as timed costs can): one point fewer
+    for key in ("errors", "costs"):
+        theirs["frontier"][key] = theirs["frontier"][key][:-1]
+    theirs["frontier"]["moves"] = theirs["frontier"]["moves"][:-1]
+    storage = _Contended(theirs)
+    second = _tuner(net, x, y, trials=6, storage=storage, study_name="together")
+    second.tune()
+    assert second.planner is not None and second.planner.loaded
+    assert len(second.planner.frontier) == len(first.planner.frontier) - 1
+    shared = second.search_algorithm.study
+    assert shared is not None and shared.user_attrs[STUDY_ATTR] == theirs  # not overwritten
+    for trial in shared.trials:  # every planned trial is read the same way by both workers
+        tag = trial.user_attrs.get(TAG)
+        if tag:
+            assert trial.params == second.planner.params_of(tag["choice"])

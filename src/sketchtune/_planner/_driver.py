@@ -107,16 +107,9 @@ class Planner:
         """Load the planner's data from ``study`` or compute it (and store it there)."""
         timed = judge.speed_model is None and judge.evaluator.has_throughput
         signature = _signature(spec, timed)
-        stored = study.user_attrs.get(STUDY_ATTR)
-        if isinstance(stored, dict) and stored.get("signature") == signature:
-            options = [GroupOptions.from_dict(g) for g in stored["options"]]
-            kept = stored["frontier"]
-            frontier = Frontier(
-                tuple((int(g), int(c)) for g, c in kept["moves"]),
-                tuple(float(e) for e in kept["errors"]),
-                tuple(float(c) for c in kept["costs"]),
-            )
-            return cls(spec, options, frontier, stored["unit"], seed, refine, loaded=True)
+        stored = _stored(study, signature)
+        if stored is not None:
+            return cls._from_stored(spec, stored, seed, refine)
         start = time.perf_counter()
         recorded = Recorded(
             calls=dict(judge.shapes.calls),
@@ -157,20 +150,41 @@ class Planner:
         planner = cls(spec, options, frontier, "seconds" if timed else "macs", seed, refine)
         planner.prepare_seconds = prepared - start
         planner.allocate_seconds = time.perf_counter() - prepared
-        study.set_user_attr(
-            STUDY_ATTR,
-            {
-                "signature": signature,
-                "unit": planner.unit,
-                "options": [o.to_dict() for o in options],
-                "frontier": {
-                    "moves": [list(m) for m in frontier.moves],
-                    "errors": list(frontier.errors),
-                    "costs": list(frontier.costs),
-                },
+        record = {
+            "signature": signature,
+            "unit": planner.unit,
+            "options": [o.to_dict() for o in options],
+            "frontier": {
+                "moves": [list(m) for m in frontier.moves],
+                "errors": list(frontier.errors),
+                "costs": list(frontier.costs),
             },
-        )
+        }
+        # Workers sharing the study must read each other's trial tags (frontier points,
+        # candidate indices) against the same options: one that started at the same time
+        # and stored first wins, and so does one whose write landed just after this one.
+        stored = _stored(study, signature)
+        if stored is None:
+            study.set_user_attr(STUDY_ATTR, record)
+            stored = _stored(study, signature)
+        if stored is not None and _canonical(stored) != _canonical(record):
+            adopted = cls._from_stored(spec, stored, seed, refine)
+            adopted.prepare_seconds = planner.prepare_seconds
+            return adopted
         return planner
+
+    @classmethod
+    def _from_stored(
+        cls, spec: StudySpec, stored: dict[str, Any], seed: int, refine: bool
+    ) -> Planner:
+        options = [GroupOptions.from_dict(g) for g in stored["options"]]
+        kept = stored["frontier"]
+        frontier = Frontier(
+            tuple((int(g), int(c)) for g, c in kept["moves"]),
+            tuple(float(e) for e in kept["errors"]),
+            tuple(float(c) for c in kept["costs"]),
+        )
+        return cls(spec, options, frontier, stored["unit"], seed, refine, loaded=True)
 
     # -- plans ---------------------------------------------------------------------------
 
@@ -381,6 +395,18 @@ def _score(trial: FrozenTrial, predicted: float) -> float | None:
         return None
     speedup = TrialInfo.of(trial).speedup
     return predicted if speedup is None else float(speedup)
+
+
+def _stored(study: optuna.Study, signature: str) -> dict[str, Any] | None:
+    """The planner data stored in ``study`` for this search (read from the storage now)."""
+    stored = study.user_attrs.get(STUDY_ATTR)
+    if isinstance(stored, dict) and stored.get("signature") == signature:
+        return stored
+    return None
+
+
+def _canonical(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True)
 
 
 def _signature(spec: StudySpec, timed: bool) -> str:
