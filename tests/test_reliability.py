@@ -310,6 +310,10 @@ def test_a_sqlite_file_in_a_folder_not_made_yet_is_created_with_its_folder(tmp_p
     study = optuna.create_study(storage=url, study_name="s")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 1
+    # a folder that cannot be made (a file is in the way) is still our one-line error
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="could not open the Optuna storage"):
+        OptunaSearch(storage=f"sqlite:///{tmp_path}/a_file/sub/study.db").check_storage()
 
 
 # -- 8. aliased and tied modules ----------------------------------------------------------------

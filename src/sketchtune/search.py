@@ -372,7 +372,10 @@ def _make_sqlite_folder(url: str) -> None:
     except Exception:  # a malformed URL: opening it reports the problem
         return
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # not allowed there: opening the storage says so, with the fix
+            return
 
 
 # Several workers creating the schema of a new database at once: all but one lose the race.
