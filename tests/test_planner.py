@@ -381,7 +381,7 @@ class _Contended(optuna.storages.InMemoryStorage):
             super().set_study_user_attr(study_id, key, self.theirs)
 
 
-def test_workers_starting_together_plan_from_the_options_stored_first(
+def test_workers_starting_together_plan_from_the_options_the_study_holds(
     trained: tuple[Net, torch.Tensor, torch.Tensor],
 ) -> None:
     net, x, y = trained
