@@ -9,7 +9,8 @@ The workflow on a real architecture, on the 5,000 MNIST digits that ship with ml
    ``strategy="global"``, measured speed at batch 64, at most 1 point of validation
    accuracy lost, each trial's sketched model trained ``--finetune-steps`` (32) steps
    before it is judged (``finetune_steps``: without them the early stages' convolutions
-   lose too much accuracy to be sketched, and the search stops at about 1.3x). The callback reports the test accuracy of the dense and the tuned model.
+   lose too much accuracy to be sketched, and the search stops at about 1.3x). The
+   callback reports the test accuracy of the dense and the tuned model.
 2. A short recovery: ``trainer.fit`` again on the sketched model (a fresh optimizer at a
    lower learning rate) for ``--recovery-epochs`` epochs.
 3. ``trainer.test`` on the held-out test split.
