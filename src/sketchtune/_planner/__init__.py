@@ -4,16 +4,12 @@
   form from the spectra of the weight / the activation-weighted weight, or
   measured on a recorded call) and cost (multiply-adds, or the layer timed alone);
 - :mod:`._frontier`: the Lagrangian allocation, a frontier of plans from safe to aggressive;
-- :mod:`._driver`: bisection of the frontier with real trials, refinement near
-  the best plan, storage of the options and the frontier in the study.
+- :mod:`._driver`: the planner: the options and the frontier (stored in the study),
+  bisection of the frontier, refinement near the best plan;
+- :mod:`._run`: the study run: the planner's proposals as real trials, then the sampler.
 """
 
-from sketchtune._planner._driver import (
-    STUDY_ATTR,
-    TAG,
-    Planner,
-    run_planned_study,
-)
+from sketchtune._planner._driver import STUDY_ATTR, TAG, Planner
 from sketchtune._planner._frontier import Frontier, allocate
 from sketchtune._planner._options import (
     Candidate,
@@ -21,6 +17,7 @@ from sketchtune._planner._options import (
     closed_form_errors,
     observed_layers,
 )
+from sketchtune._planner._run import run_planned_study
 
 __all__ = [
     "STUDY_ATTR",

@@ -1,14 +1,16 @@
-"""The planned global search: options -> frontier -> bisection with real trials -> refinement.
+"""The planner: options -> frontier -> the next plan to evaluate (bisection, then refinement).
 
 Every evaluation is a real trial of the study: the planner enqueues fixed
 parameters (``study.enqueue_trial``) and the usual objective runs them, so the
 results table, plots, resume, duplicate detection and the never-slower
 confirmation see them like any other trial. Each planner trial carries a small
 user attribute (:data:`TAG`: its phase, frontier point and candidate choice);
-the next proposal is a function of the study's finished trials only, so a
-resumed run, or a second worker on the same storage, continues where the
-study stands. The per-layer options and the frontier are stored in the
+the next proposal is a function of the study's trials only (the finished
+ones, and the frontier points other workers are evaluating), so a resumed run,
+or a second worker on the same storage, continues where the study stands. The per-layer options and the frontier are stored in the
 study's user attributes (:data:`STUDY_ATTR`) and never recomputed for it.
+
+:func:`~sketchtune._planner._run.run_planned_study` runs the study with it.
 
 1. Calibration: bisection over the frontier's points for the most aggressive
    one that keeps the floor (``log2`` of the number of points, evaluations).
@@ -28,25 +30,21 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sketchtune._best import BestTracker
 from sketchtune._builder import PlanBuilder
-from sketchtune._judge import Judge, TrialFailed
-from sketchtune._objective import OverBudget, make_objective, make_reporter, say
+from sketchtune._judge import Judge
 from sketchtune._planner._frontier import Frontier, allocate
 from sketchtune._planner._options import GroupOptions, Recorded, group_options
 from sketchtune._studies import ENABLED, StudyLayout, StudySpec
 from sketchtune._trialinfo import TrialInfo
-from sketchtune.results import TrialRecord
-from sketchtune.search import OptunaSearch
 
-__all__ = ["STUDY_ATTR", "TAG", "Planner", "run_planned_study"]
+__all__ = ["STUDY_ATTR", "TAG", "Planner", "Proposal"]
 
 #: study user attribute holding the options and the frontier
 STUDY_ATTR = "sketchtune:planner"
@@ -417,69 +415,3 @@ def _signature(spec: StudySpec, timed: bool) -> str:
     ]
     text = json.dumps([described, timed], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def run_planned_study(
-    spec: StudySpec,
-    study: optuna.Study,
-    layout: StudyLayout,
-    judge: Judge,
-    builder: PlanBuilder,
-    search: OptunaSearch,
-    best: BestTracker,
-    *,
-    seed: int,
-    dense_accuracy: float | None,
-    deadline: float | None,
-    verbose: bool,
-    callbacks: Sequence[Callable[[TrialRecord], None]],
-) -> Planner | None:
-    """Run ``spec``'s study: the planner's proposals first, then (if any budget is left) the sampler.
-
-    A ``GridSampler`` is an explicit enumeration: it runs as given, without the planner.
-
-    Returns the planner (its options, frontier and timings), ``None`` for a grid.
-    """
-    search.set_current(study)
-    best.consider_study(spec.label, study)
-    catch = (TrialFailed, OverBudget)
-    objective = make_objective(spec, layout, judge, search, dense_accuracy)
-    reporter = make_reporter(
-        spec, best, judge, n_trials=search.n_trials, verbose=verbose, callbacks=callbacks
-    )
-    if isinstance(search.sampler, optuna.samplers.GridSampler):
-        search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
-        return None
-    planner = Planner.for_study(
-        spec, study, layout, judge, builder, seed=seed, refine=search.uses_default_sampler
-    )
-    source = (
-        "stored in the study" if planner.loaded else f"prepared in {planner.prepare_seconds:.2f} s"
-    )
-    say(
-        f"[{spec.label}] planner: {len(planner.options)} layer group(s), "
-        f"{sum(len(o.candidates) for o in planner.options)} candidates ({planner.unit}, {source}), "
-        f"frontier of {len(planner.frontier)} plans up to "
-        f"{planner.frontier.costs[0] / max(planner.frontier.costs[-1], 1e-30):.2f}x predicted, "
-        f"allocated in {planner.allocate_seconds * 1000:.1f} ms",
-        verbose,
-    )
-    while True:
-        search.snapshot = study.get_trials(deepcopy=False)
-        left = search.remaining(search.snapshot)
-        if (left is not None and left <= 0) or (
-            deadline is not None and time.monotonic() >= deadline
-        ):
-            break
-        started = time.perf_counter()
-        proposal = planner.next(search.snapshot)
-        planner.propose_seconds += time.perf_counter() - started
-        if proposal is None:
-            break
-        study.enqueue_trial(proposal.params, user_attrs={TAG: proposal.tag})
-        study.optimize(
-            objective, n_trials=1, catch=catch, callbacks=[reporter], gc_after_trial=False
-        )
-    # the sampler takes whatever budget is left (and waits for other workers' running trials)
-    search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
-    return planner

@@ -1,0 +1,85 @@
+"""Running a planned study: the planner's proposals as real trials, then the sampler."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import optuna
+
+from sketchtune._best import BestTracker
+from sketchtune._builder import PlanBuilder
+from sketchtune._judge import Judge, TrialFailed
+from sketchtune._objective import OverBudget, make_objective, make_reporter, say
+from sketchtune._planner._driver import TAG, Planner
+from sketchtune._studies import StudyLayout, StudySpec
+from sketchtune.results import TrialRecord
+from sketchtune.search import OptunaSearch
+
+__all__ = ["run_planned_study"]
+
+
+def run_planned_study(
+    spec: StudySpec,
+    study: optuna.Study,
+    layout: StudyLayout,
+    judge: Judge,
+    builder: PlanBuilder,
+    search: OptunaSearch,
+    best: BestTracker,
+    *,
+    seed: int,
+    dense_accuracy: float | None,
+    deadline: float | None,
+    verbose: bool,
+    callbacks: Sequence[Callable[[TrialRecord], None]],
+) -> Planner | None:
+    """Run ``spec``'s study: the planner's proposals first, then (if any budget is left) the sampler.
+
+    A ``GridSampler`` is an explicit enumeration: it runs as given, without the planner.
+
+    Returns the planner (its options, frontier and timings), ``None`` for a grid.
+    """
+    search.set_current(study)
+    best.consider_study(spec.label, study)
+    catch = (TrialFailed, OverBudget)
+    objective = make_objective(spec, layout, judge, search, dense_accuracy)
+    reporter = make_reporter(
+        spec, best, judge, n_trials=search.n_trials, verbose=verbose, callbacks=callbacks
+    )
+    if isinstance(search.sampler, optuna.samplers.GridSampler):
+        search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
+        return None
+    planner = Planner.for_study(
+        spec, study, layout, judge, builder, seed=seed, refine=search.uses_default_sampler
+    )
+    source = (
+        "stored in the study" if planner.loaded else f"prepared in {planner.prepare_seconds:.2f} s"
+    )
+    say(
+        f"[{spec.label}] planner: {len(planner.options)} layer group(s), "
+        f"{sum(len(o.candidates) for o in planner.options)} candidates ({planner.unit}, {source}), "
+        f"frontier of {len(planner.frontier)} plans up to "
+        f"{planner.frontier.costs[0] / max(planner.frontier.costs[-1], 1e-30):.2f}x predicted, "
+        f"allocated in {planner.allocate_seconds * 1000:.1f} ms",
+        verbose,
+    )
+    while True:
+        search.snapshot = study.get_trials(deepcopy=False)
+        left = search.remaining(search.snapshot)
+        if (left is not None and left <= 0) or (
+            deadline is not None and time.monotonic() >= deadline
+        ):
+            break
+        started = time.perf_counter()
+        proposal = planner.next(search.snapshot)
+        planner.propose_seconds += time.perf_counter() - started
+        if proposal is None:
+            break
+        study.enqueue_trial(proposal.params, user_attrs={TAG: proposal.tag})
+        study.optimize(
+            objective, n_trials=1, catch=catch, callbacks=[reporter], gc_after_trial=False
+        )
+    # the sampler takes whatever budget is left (and waits for other workers' running trials)
+    search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
+    return planner
