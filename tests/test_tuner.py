@@ -634,7 +634,7 @@ def test_resume_from_sqlite_reuses_finished_trials_and_continues_numbering(
         (
             {"search_algorithm": "tpe"},
             TypeError,
-            r"`search_algorithm` must be an OptunaSearch, got str",
+            r"`search_algorithm` must be an OptunaSearch, got str 'tpe'; pass OptunaSearch\(",
         ),
     ],
 )

@@ -141,7 +141,8 @@ class OptunaSearch:
             return cls()
         if not isinstance(value, cls):
             raise TypeError(
-                f"`search_algorithm` must be an OptunaSearch, got {type(value).__name__}."
+                f"`search_algorithm` must be an OptunaSearch, got {type(value).__name__} "
+                f"{value!r}; pass OptunaSearch(n_trials=..., sampler=...) or leave it out."
             )
         return value
 
