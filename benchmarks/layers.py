@@ -285,7 +285,8 @@ def memory_table(setup: Setup, seqs: list[int]) -> list[tuple[str, int, float]]:
 def _default_rows(setup: Setup) -> Iterator[Row]:
     """Today's table: the sizes the README quotes."""
     yield from linear_rows(setup, 4096, 256, [(1, 64), (2, 32), (4, 16)])
-    yield from linear_rows(setup, 1024, 256, [(1, 32)])
+    yield from linear_rows(setup, 4096, 256, [(1, 8)])
+    yield from linear_rows(setup, 1024, 256, [(1, 32), (1, 8), (1, 4)])
     yield from linear_train_row(setup, 4096, 256, 1, 64)
     yield from conv_rows(setup, 32, 256, 32, 1, 16)
     for seq in (1024, 4096):

@@ -39,10 +39,13 @@ def _inputs(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 48, generator=g) @ mix
 
 
+@pytest.mark.parametrize("out_features", [40, 64])  # the Gram of either side
 @pytest.mark.parametrize("init", ["svd", "activation"])
-def test_closed_form_error_matches_the_measured_output_error_on_held_out_inputs(init: str) -> None:
+def test_closed_form_error_matches_the_measured_output_error_on_held_out_inputs(
+    init: str, out_features: int
+) -> None:
     torch.manual_seed(0)
-    layer = nn.Linear(48, 40, bias=False)
+    layer = nn.Linear(48, out_features, bias=False)
     calibration, held_out = _inputs(4096, 1), _inputs(4096, 2)
     cov = InputCovariance(48)
     cov.update(calibration)
@@ -56,7 +59,9 @@ def test_closed_form_error_matches_the_measured_output_error_on_held_out_inputs(
         approx = held_out.double() @ (factors.P @ factors.Q)
         measured = float((approx - reference).square().sum() / reference.square().sum())
         assert predicted[rank] == pytest.approx(measured, rel=0.1), rank
-    assert predicted[0] == pytest.approx(1.0) and predicted[40] == 0.0
+    rank = min(48, out_features)
+    assert len(predicted) == rank + 1
+    assert predicted[0] == pytest.approx(1.0) and predicted[rank] == 0.0
     # the errors fall with the rank
     assert all(a >= b for a, b in itertools.pairwise(predicted))
 
@@ -405,3 +410,50 @@ def test_workers_starting_together_plan_from_the_options_the_study_holds(
         tag = trial.user_attrs.get(TAG)
         if tag:
             assert trial.params == second.planner.params_of(tag["choice"])
+
+
+def test_every_other_candidate_shape_is_timed_and_the_rest_interpolated() -> None:
+    from sketchtune._planner._options import Recorded, _candidate_seconds, _shape, candidate_params
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256))
+    tuner = SKAutoTuner(
+        model,
+        TuningConfigs([LayerConfig(["0"], "auto")]),
+        lambda m: 1.0,
+        accuracy_threshold=0.0,
+        search_algorithm=OptunaSearch(n_trials=1, seed=0),
+    )
+    (group,) = tuner._layout.groups
+    recorded = Recorded(calls={"0": [((64, 256),)]}, covariance={}, samples={})
+    built: list[dict[str, Any]] = []
+
+    def build(plan: SketchPlan) -> dict[str, nn.Module]:
+        built.append(dict(plan["0"].params))
+        return tuner._builder.build(plan)
+
+    params = candidate_params(group)
+    seconds = _candidate_seconds(
+        group,
+        params,
+        tuner._layout.dense,
+        recorded,
+        build,
+        lambda p: tuner._layout.plan_from([group], {group.key: p}),
+        {"0": 1e-3},
+    )
+    ranks = sorted({p["num_terms"] * p["low_rank"] for p in params})
+    assert len(ranks) >= 5
+    # candidates differing only in init share one timing; half the shapes are built
+    assert {k for _, k in seconds} == {_shape(p) for p in params}
+    assert len(built) == (len(ranks) + 1) // 2 + (len(ranks) % 2 == 0)
+    timed = {p["num_terms"] * p["low_rank"] for p in built}
+    assert min(ranks) in timed and max(ranks) in timed
+    by_rank = {p["num_terms"] * p["low_rank"]: seconds["0", _shape(p)] for p in params}
+    for i, rank in enumerate(ranks):
+        if rank not in timed:  # linear in multiply-adds (here, in the rank) between neighbours
+            lo, hi = ranks[i - 1], ranks[i + 1]
+            share = (rank - lo) / (hi - lo)
+            expected = by_rank[lo] + share * (by_rank[hi] - by_rank[lo])
+            assert by_rank[rank] == pytest.approx(expected)
+            assert lo in timed and hi in timed

@@ -165,3 +165,113 @@ def test_from_dense_rejects_other_modules() -> None:
 def test_repr_shows_the_sketch() -> None:
     assert "num_terms=2, low_rank=3" in repr(SKLinear(16, 8, 2, 3, seed=11))
     assert "seed=11" in repr(SKLinear(16, 8, 2, 3, seed=11))
+
+
+# -- the fused inference path ---------------------------------------------------------
+
+
+def _layer(bias: bool = True, num_terms: int = 2, low_rank: int = 3) -> SKLinear:
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 12, bias=bias)
+    return SKLinear.from_dense(dense, num_terms=num_terms, low_rank=low_rank, seed=0)
+
+
+def _blockwise(layer: SKLinear, x: torch.Tensor) -> torch.Tensor:
+    """The training path's output (gradients on), detached."""
+    with torch.enable_grad():
+        return layer(x).detach()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("num_terms", "low_rank"), [(1, 1), (1, 4), (3, 2)])
+def test_inference_output_equals_the_training_path(
+    bias: bool, num_terms: int, low_rank: int
+) -> None:
+    layer = _layer(bias, num_terms, low_rank)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        no_grad = layer(x)
+    with torch.inference_mode():
+        inference = layer(x)
+    expected = x @ layer.dense_weight().t() + (layer.bias.detach() if bias else 0)
+    for y in (no_grad, inference, _blockwise(layer, x)):
+        assert y.shape == (2, 5, 12) and y.is_contiguous()
+        torch.testing.assert_close(y, expected)
+    # rank 1 keeps the blockwise products at inference too: nothing cached
+    assert ("_fused" in layer.__dict__) == (num_terms * low_rank > 1)
+
+
+def test_the_inference_cache_follows_every_change_of_the_factors() -> None:
+    layer = _layer()
+    x = torch.randn(4, 16)
+
+    def check() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), _blockwise(layer, x))
+
+    check()
+    with torch.no_grad():
+        layer.S1.mul_(2.0)  # in place: a new version
+    check()
+    other = _layer()
+    with torch.no_grad():
+        other.S2.add_(1.0)
+    layer.load_state_dict(other.state_dict())
+    check()
+    layer.S2 = nn.Parameter(torch.randn_like(layer.S2))  # a new tensor
+    check()
+    layer.double()
+    x = x.double()
+    check()
+    layer.float()
+    x = x.float()
+    check()
+
+
+def test_inference_with_frozen_factors_still_gives_input_gradients() -> None:
+    layer = _layer().requires_grad_(False)
+    with torch.inference_mode():
+        layer(torch.randn(3, 16))  # the cache is built inside inference mode
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()  # the cached factors are normal tensors: saved for backward
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, layer.dense_weight().sum(0).expand(3, 16))
+
+
+def test_training_gradients_reach_only_the_learnable_halves() -> None:
+    layer = _layer()
+    with torch.no_grad():
+        layer(torch.randn(3, 16))  # a cache exists; training must not use it
+    layer(torch.randn(3, 16)).square().sum().backward()
+    assert layer.S1.grad is not None and layer.S2.grad is not None
+    assert layer.U1.grad is None and layer.U2.grad is None
+
+
+def test_a_layer_built_in_inference_mode_runs_outside_it() -> None:
+    with torch.inference_mode():
+        layer = _layer()
+        inside = layer(torch.ones(2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(torch.ones(2, 16)), inside)
+    assert "_fused" not in layer.__dict__  # inference tensors have no version counter
+
+
+def test_the_cache_is_not_copied_or_pickled_and_traces_follow_the_parameters() -> None:
+    import copy
+    import io
+
+    layer = _layer().eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        layer(x)
+    assert "_fused" in layer.__dict__
+    assert "_fused" not in copy.deepcopy(layer).__dict__
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert "_fused" not in loaded.__dict__
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, (x,))
+        layer.S1.mul_(3.0)
+        torch.testing.assert_close(traced(x), layer(x))  # the trace holds no cached constant
