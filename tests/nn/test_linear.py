@@ -221,6 +221,7 @@ def test_the_inference_cache_follows_every_change_of_the_factors() -> None:
     layer.S2 = nn.Parameter(torch.randn_like(layer.S2))  # a new tensor
     check()
     layer.double()
+    assert "_fused" not in layer.__dict__  # converting the module frees the old copies
     x = x.double()
     check()
     layer.float()
@@ -275,3 +276,11 @@ def test_the_cache_is_not_copied_or_pickled_and_traces_follow_the_parameters() -
         traced = torch.jit.trace(layer, (x,))
         layer.S1.mul_(3.0)
         torch.testing.assert_close(traced(x), layer(x))  # the trace holds no cached constant
+
+
+def test_a_meta_layer_runs_shapes_only_without_a_cache() -> None:
+    layer = SKLinear(16, 12, num_terms=1, low_rank=4, device="meta")
+    with torch.no_grad():
+        y = layer(torch.empty(3, 16, device="meta"))
+    assert y.shape == (3, 12) and y.is_meta
+    assert "_fused" not in layer.__dict__

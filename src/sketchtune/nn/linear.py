@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,8 +35,12 @@ class SKLinear(nn.Module):
     ``d_in d_out`` for the dense layer; no per-term loop, no temporary wider
     than ``2Lk``, and no dense ``d_in x d_out`` matrix is ever formed. Keeping
     the learnable and fixed blocks apart lets autograd skip the gradients of the
-    fixed blocks. Under ``torch.autocast`` the four GEMMs run in the autocast
-    dtype, forward and backward, like ``nn.Linear``'s.
+    fixed blocks. At inference (no gradient to the factors) the layer instead
+    multiplies by the concatenated factors ``[S1 | U2]`` and ``[U1; S2] / (2L)``,
+    kept in a cache that follows every change of the factors: two products,
+    the folded form :func:`~sketchtune.export_plain` writes, much faster at
+    small ranks on CPU BLAS. Under ``torch.autocast`` the GEMMs run in the
+    autocast dtype, forward and backward, like ``nn.Linear``'s.
 
     Shapes of the stored tensors (``r = num_terms * low_rank``):
 
@@ -229,13 +235,14 @@ class SKLinear(nn.Module):
         tensors = (self.S1, self.U2, self.U1, self.S2)
         if (
             self.num_terms * self.low_rank == 1
+            or self.S1.is_meta
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             or any(t.is_inference() for t in tensors)
             or torch.jit.is_tracing()  # type: ignore[attr-defined]
             or torch.compiler.is_compiling()
         ):
             return None
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
         cached = self.__dict__.get("_fused")
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
@@ -246,6 +253,11 @@ class SKLinear(nn.Module):
         storages = [t.untyped_storage() for t in tensors]
         self.__dict__["_fused"] = (key, down, up, storages)
         return down, up
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> SKLinear:
+        self.__dict__.pop("_fused", None)  # .to()/.cpu()/.half(): free the old copies at once
+        super()._apply(fn, recurse)
+        return self
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(super().__getstate__())
