@@ -10,7 +10,7 @@ RandomSampler).
 
 Usage::
 
-    python benchmarks/end_to_end.py [--mlp-trials 40] [--transformer-trials 16]
+    python benchmarks/end_to_end.py [--mlp-trials 40] [--transformer-trials 16] [--workloads mlp,transformer]
 """
 
 from __future__ import annotations
@@ -98,7 +98,11 @@ def main() -> None:
     )
     parser.add_argument("--mlp-trials", type=int, default=40)
     parser.add_argument("--transformer-trials", type=int, default=16)
+    parser.add_argument(
+        "--workloads", default="mlp,transformer", help="comma-separated: mlp, transformer"
+    )
     args = parser.parse_args()
+    chosen = set(args.workloads.split(","))
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -127,6 +131,8 @@ def main() -> None:
     ]
     rows = []
     for name, build, data, epochs, config, trials, speed_batches in workloads:
+        if ("mlp" if build is DigitsMLP else "transformer") not in chosen:
+            continue
         trained, train_s = train(build, data, epochs)
         runs = [
             ("planner (global)", "global", None),

@@ -457,3 +457,59 @@ def test_every_other_candidate_shape_is_timed_and_the_rest_interpolated() -> Non
             expected = by_rank[lo] + share * (by_rank[hi] - by_rank[lo])
             assert by_rank[rank] == pytest.approx(expected)
             assert lo in timed and hi in timed
+
+
+def test_interpolated_timings_stay_within_a_family_of_candidates() -> None:
+    from sketchtune._planner._options import Recorded, _candidate_seconds, _shape, candidate_params
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("attn", nn.MultiheadAttention(32, 4, batch_first=True))
+    features = [8, 16, 32, 64, 128]
+    tuner = SKAutoTuner(
+        model,
+        TuningConfigs(
+            [
+                LayerConfig(
+                    ["attn"], {"num_random_features": features, "kernel_fn": ["softmax", "relu"]}
+                )
+            ]
+        ),
+        lambda m: 1.0,
+        accuracy_threshold=0.0,
+        search_algorithm=OptunaSearch(n_trials=1, seed=0),
+    )
+    (group,) = tuner._layout.groups
+    x = torch.randn(2, 64, 32)
+    recorded = Recorded(
+        calls={}, covariance={}, samples={"attn": ((x, x, x), {"need_weights": False})}
+    )
+    built: list[dict[str, Any]] = []
+
+    def build(plan: SketchPlan) -> dict[str, nn.Module]:
+        built.append(dict(plan["attn"].params))
+        return tuner._builder.build(plan)
+
+    params = candidate_params(group)
+    seconds = _candidate_seconds(
+        group,
+        params,
+        tuner._layout.dense,
+        recorded,
+        build,
+        lambda p: tuner._layout.plan_from([group], {group.key: p}),
+        {"attn": 1e-3},
+    )
+    assert len(seconds) == 10
+    # each kernel is timed at 8, 32 and 128 features; 16 and 64 lie between its own timings
+    assert sorted((p["kernel_fn"], p["num_random_features"]) for p in built) == [
+        (kernel, m) for kernel in ("relu", "softmax") for m in (8, 32, 128)
+    ]
+    for kernel in ("relu", "softmax"):
+        at = {
+            p["num_random_features"]: seconds["attn", _shape(p)]
+            for p in params
+            if p["kernel_fn"] == kernel
+        }
+        for lo, mid, hi in ((8, 16, 32), (32, 64, 128)):
+            assert min(at[lo], at[hi]) <= at[mid] <= max(at[lo], at[hi])

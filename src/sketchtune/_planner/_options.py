@@ -374,10 +374,11 @@ def _candidate_seconds(
 ) -> dict[tuple[str, str], float]:
     """Seconds of one call of each layer at each candidate shape, ``{(name, shape): s}``.
 
-    Candidates that differ only in ``init`` cost the same. Of the shapes ordered
-    by multiply-adds, every other one is timed (the smallest and the largest
-    always), and the ones between are interpolated linearly in multiply-adds
-    from their timed neighbours: on a geometric rank ladder that halves the
+    Candidates that differ only in ``init`` cost the same. Within a family (the
+    same parameters but the sizes), of the shapes ordered by multiply-adds every
+    other one is timed (the smallest and the largest always), and the ones
+    between are interpolated linearly in multiply-adds from their timed
+    neighbours: on a geometric rank ladder that halves the
     timing (about 1 s on the main job) for costs within a few percent of timing
     them all (the trials and the confirmation measure the real speed).
     """
@@ -385,30 +386,46 @@ def _candidate_seconds(
     for params in params_list:
         shapes.setdefault(_shape(params), params)
     names = [n for n in group.names if math.isfinite(dense_seconds.get(n, math.nan))]
-    if not names or not shapes:
+    if not names:
         return {}
-    order = sorted(
-        shapes, key=lambda key: _sketch_macs(group, names[0], dense, recorded, shapes[key])
-    )
-    timed = set(range(0, len(order), 2)) | {len(order) - 1}
+
+    def macs(name: str, key: str) -> float:
+        return _sketch_macs(group, name, dense, recorded, shapes[key])
+
+    # a family shares every parameter but the sizes (attention's kernel_fn, for one):
+    # its cost grows with the multiply-adds; another family's need not be comparable
+    families: dict[str, list[str]] = {}
+    for key, params in shapes.items():
+        families.setdefault(_family(params), []).append(key)
     seconds: dict[tuple[str, str], float] = {}
-    for i in sorted(timed):
-        modules = build(plan_of(shapes[order[i]]))
-        for name in names:
-            call = _call_for_timing(name, dense[name], recorded)
-            assert call is not None  # dense_seconds is finite: the dense layer was timed on it
-            seconds[name, order[i]] = layer_seconds(modules[name], *call)
-    for i in set(range(len(order))) - timed:  # strictly between two timed shapes
-        for name in names:
-            lo, hi = order[i - 1], order[i + 1]
-            m_lo, m, m_hi = (
-                _sketch_macs(group, name, dense, recorded, shapes[key])
-                for key in (lo, order[i], hi)
-            )
-            t_lo, t_hi = seconds[name, lo], seconds[name, hi]
-            share = (m - m_lo) / (m_hi - m_lo) if m_hi > m_lo else 0.0
-            seconds[name, order[i]] = t_lo + share * (t_hi - t_lo)
+    for members in families.values():
+        order = sorted(members, key=lambda key: macs(names[0], key))
+        timed = set(range(0, len(order), 2)) | {len(order) - 1}
+        for i in sorted(timed):
+            modules = build(plan_of(shapes[order[i]]))
+            for name in names:
+                call = _call_for_timing(name, dense[name], recorded)
+                assert call is not None  # dense_seconds is finite: the dense layer was timed on it
+                seconds[name, order[i]] = layer_seconds(modules[name], *call)
+        for i in set(range(len(order))) - timed:  # strictly between two timed shapes
+            lo, here, hi = order[i - 1], order[i], order[i + 1]
+            for name in names:
+                m_lo, m, m_hi = macs(name, lo), macs(name, here), macs(name, hi)
+                t_lo, t_hi = seconds[name, lo], seconds[name, hi]
+                share = (m - m_lo) / (m_hi - m_lo) if m_hi > m_lo else 0.0
+                seconds[name, here] = t_lo + share * (t_hi - t_lo)
     return seconds
+
+
+def _family(params: dict[str, Any]) -> str:
+    """A candidate's parameters but its sizes (ints) and ``init``."""
+    return repr(
+        sorted(
+            (k, v)
+            for k, v in params.items()
+            if k != "init" and (isinstance(v, bool) or not isinstance(v, int))
+        )
+    )
 
 
 def _monotone_costs(candidates: list[Candidate]) -> list[Candidate]:
@@ -423,13 +440,10 @@ def _monotone_costs(candidates: list[Candidate]) -> list[Candidate]:
         numbers = [v for v in c.params.values() if isinstance(v, int) and not isinstance(v, bool)]
         return float(math.prod(numbers)) if numbers else 0.0
 
-    def family(c: Candidate) -> str:
-        return repr(sorted((k, v) for k, v in c.params.items() if not isinstance(v, int)))
-
     smoothed: dict[int, float] = {}
-    for name in {family(c) for c in candidates}:
+    for name in {_family(c.params) for c in candidates}:
         members = sorted(
-            (i for i, c in enumerate(candidates) if family(c) == name),
+            (i for i, c in enumerate(candidates) if _family(c.params) == name),
             key=lambda i: size(candidates[i]),
         )
         blocks: list[list[float]] = []  # [sum, count] of pooled neighbours
