@@ -1,8 +1,9 @@
 """The planner behind ``strategy="global"``: sensitivity -> allocation -> frontier -> real trials.
 
-- :mod:`._options`: each layer's candidates with predicted output error (closed
-  form from the spectra of the weight / the activation-weighted weight, or
-  measured on a recorded call) and cost (multiply-adds, or the layer timed alone);
+- :mod:`._options`: each layer's candidates with predicted output error and cost:
+  :mod:`._errors` (closed form from the spectra of the weight / the
+  activation-weighted weight, or measured on a recorded call) and :mod:`._costs`
+  (multiply-adds, or the layer timed alone);
 - :mod:`._frontier`: the Lagrangian allocation, a frontier of plans from safe to aggressive;
 - :mod:`._driver`: the planner: the options and the frontier (stored in the study),
   bisection of the frontier, refinement near the best plan;
