@@ -103,6 +103,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     chosen = set(args.workloads.split(","))
+    if not chosen or not chosen <= {"mlp", "transformer"}:
+        parser.error(
+            f"--workloads={args.workloads!r}: give a comma-separated subset of mlp,transformer "
+            "(e.g. --workloads transformer)"
+        )
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
