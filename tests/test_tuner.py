@@ -258,46 +258,6 @@ def test_global_strategy_searches_every_layer_in_one_study_and_evaluates_the_com
     assert tuner.flops_speedup(tuner.best_plan) == pytest.approx(df.speedup.max())
 
 
-@pytest.mark.parametrize(
-    "sampler",
-    [
-        optuna.samplers.TPESampler(seed=0),
-        optuna.samplers.CmaEsSampler(seed=0),
-        optuna.samplers.RandomSampler(seed=0),
-        optuna.samplers.NSGAIISampler(seed=0),
-        optuna.samplers.GridSampler(
-            {
-                "fc1.enabled": [True],
-                "fc2.enabled": [True],
-                "fc1.low_rank": [4, 8],
-                "fc2.low_rank": [4, 8],
-            }
-        ),
-    ],
-    ids=lambda s: type(s).__name__,
-)
-def test_every_seed_sampler_runs_the_sampler_strategy(
-    mlp: MLP, sampler: optuna.samplers.BaseSampler
-) -> None:
-    tuner = SKAutoTuner(
-        mlp,
-        configs({"low_rank": Int(4, 8, step=4), "num_terms": 1}),
-        agreement(mlp),
-        accuracy_threshold=0.0,
-        optimization_eval_func="flops",
-        strategy="sampler",  # the sampler alone over the raw space ("global" is planned)
-        search_algorithm=OptunaSearch(n_trials=6, sampler=sampler),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        tuner.tune()
-    df = tuner.get_results_dataframe()
-    assert len(df) == (4 if isinstance(sampler, optuna.samplers.GridSampler) else 6)
-    assert (df.state == "COMPLETE").all()
-    assert tuner.best_plan is not None
-    assert tuner.flops_speedup(tuner.best_plan) == pytest.approx(df.speedup.max())
-
-
 def test_duplicate_suggestions_are_answered_from_the_finished_trial(mlp: MLP) -> None:
     evaluations: list[int] = []
 

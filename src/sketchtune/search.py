@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -133,6 +134,7 @@ class OptunaSearch:
         self.studies: dict[str, optuna.Study] = {}
         self._storage_obj: optuna.storages.BaseStorage | None = None
         self.snapshot: list[FrozenTrial] = []
+        self._warned_shared_sampler = False
 
     @classmethod
     def coerce(cls, value: Any) -> OptunaSearch:
@@ -187,12 +189,46 @@ class OptunaSearch:
             return None if self.storage is None else f"sketchtune/{key}"
         return f"{self.study_name}/{key}"
 
-    def open_study(self, key: str | None) -> optuna.Study:
-        """Create (or, with ``load_if_exists``, load) the study for ``key`` (``None``: the only one)."""
+    def open_studies(self, keys: Sequence[str | None]) -> list[optuna.Study]:
+        """Open one study per key (:meth:`open_study`), each with a sampler of its own.
+
+        A single study runs the configured sampler itself. Several studies (one per
+        layer) each get a copy: samplers keep state that belongs to one study (TPE's
+        and CMA-ES's intersection search space refuses a second study; NSGA-II's
+        generation cache and GP's fitted models are per study), see :func:`clone_sampler`.
+        """
+        if len(keys) <= 1:
+            return [self.open_study(key) for key in keys]
+        return [self.open_study(key, sampler=self._sampler_copy(len(keys))) for key in keys]
+
+    def _sampler_copy(self, studies: int) -> optuna.samplers.BaseSampler:
+        clone = clone_sampler(self.sampler)
+        if clone is not None:
+            return clone
+        if not self._warned_shared_sampler:
+            self._warned_shared_sampler = True
+            warnings.warn(
+                f"`sampler` ({type(self.sampler).__name__}) cannot be copied, so its one instance "
+                f"serves all {studies} studies in turn and any per-study state it keeps is "
+                "shared. Give the class a __deepcopy__ (or make it copyable), or use "
+                "strategy='global' (one study).",
+                UserWarning,
+                stacklevel=3,
+            )
+        return self.sampler
+
+    def open_study(
+        self, key: str | None, *, sampler: optuna.samplers.BaseSampler | None = None
+    ) -> optuna.Study:
+        """Create (or, with ``load_if_exists``, load) the study for ``key`` (``None``: the only one).
+
+        Args:
+            key: the layer or group the study tunes (``None``: the only study).
+            sampler: the study's sampler (default: the configured one itself).
+        """
         name = self.study_name_for(key)
-        # Samplers keep per-study state (TPE's intersection search space, CMA-ES's
-        # generations), so every study gets its own copy of the configured sampler.
-        sampler = copy.deepcopy(self.sampler)
+        if sampler is None:
+            sampler = self.sampler
         try:
             study = optuna.create_study(
                 storage=self.open_storage(),
@@ -254,7 +290,7 @@ class OptunaSearch:
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 return
-            if grid_exhausted(self.sampler, study):
+            if grid_exhausted(study.sampler, study):
                 return
             study.optimize(
                 objective, n_trials=1, catch=catch, callbacks=callbacks, gc_after_trial=False
@@ -320,6 +356,52 @@ def default_sampler(seed: int | None, n_trials: int | None = None) -> optuna.sam
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(**kwargs)
+
+
+# Process resources a sampler may hold: they guard its state across threads, they do not
+# belong to a study, and they cannot be copied (Optuna 5.1's NSGA-II/III hold a Lock).
+_SHARED_TYPES: tuple[type, ...] = (
+    type(threading.Lock()),
+    type(threading.RLock()),
+    threading.Condition,
+    threading.Event,
+    threading.Semaphore,
+)
+
+
+def clone_sampler(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.BaseSampler | None:
+    """A copy of ``sampler`` with per-study state of its own, or ``None`` when it cannot be copied.
+
+    Everything is deep-copied (search-space caches, generation caches, random state)
+    except thread locks and other synchronization objects, which are shared: they hold
+    no study's state, and a lock cannot be copied.
+    """
+    memo: dict[int, Any] = {id(obj): obj for obj in _shared_parts(sampler)}
+    try:
+        return copy.deepcopy(sampler, memo)
+    except Exception:  # a user's sampler holding a socket, a connection, ...
+        return None
+
+
+def _shared_parts(root: Any) -> list[Any]:
+    """The synchronization objects reachable from ``root``'s attributes and containers."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, _SHARED_TYPES):
+            found.append(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            stack.extend(vars(obj).values())
+    return found
 
 
 def grid_exhausted(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:

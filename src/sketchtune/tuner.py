@@ -279,7 +279,10 @@ class SKAutoTuner:
         deadline = None if search.timeout is None else time.monotonic() + search.timeout
         try:
             with quiet_optuna(), sigterm_as_interrupt():
-                self._optuna_studies = {s.label: search.open_study(s.key) for s in self._studies}
+                opened = search.open_studies([s.key for s in self._studies])
+                self._optuna_studies = {
+                    s.label: study for s, study in zip(self._studies, opened, strict=True)
+                }
                 check_fingerprints(
                     self._optuna_studies,
                     self._studies,
