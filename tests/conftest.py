@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -52,6 +53,11 @@ class TinyTransformer(nn.Module):
         h = self.encoder(x)
         h, _ = self.attn(h, h, h, need_weights=False)
         return self.head(h.mean(1))
+
+
+def kept(tuner: Any) -> dict[str, dict[str, Any]]:
+    """``{layer: params}`` of the plan a tuner kept (its ``best_plan``)."""
+    return {name: dict(layer.params) for name, layer in tuner.best_plan.items()}
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def test_the_next_candidate_is_confirmed_when_the_fastest_lies() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         tuner.tune()
-    assert tuner.best_params == {"fc2": {"num_terms": 1, "low_rank": 8}}
+    assert tuner.best_params["fc2"]["params"] == {"num_terms": 1, "low_rank": 8, "init": "svd"}
     assert tuner.best_speedup == pytest.approx(2.0)
     assert [e["confirmed"] for e in tuner.confirmation_log] == [False, True]
 

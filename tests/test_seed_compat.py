@@ -143,11 +143,18 @@ def test_tune_returns_the_seeds_per_layer_mapping_and_results_per_study() -> Non
     )
     best = tuner.tune()
     assert set(best) == {"fc1", "fc2"}
-    assert best["fc1"]["params"] == tuner.best_params["fc1"]
+    assert best == tuner.best_params  # the seed's tune() returns its best_params
+    assert best["fc1"]["params"] == dict(tuner.best_plan["fc1"].params)
     assert best["fc1"]["accuracy"] == tuner.best_accuracy == 1.0
     assert best["fc1"]["score"] == tuner.best_speedup > 1.0
     assert best["fc1"]["speed"] == pytest.approx(tuner.best_speedup)  # FLOP model: speed = speedup
-    assert best["fc2"] == {"params": None, "accuracy": None, "speed": None, "score": -math.inf}
+    assert best["fc2"] == {
+        "params": None,
+        "accuracy": None,
+        "speed": None,
+        "score": -math.inf,
+        "copy_weights": True,
+    }
 
     results = tuner.results
     assert set(results) == {"fc1", "fc2"}
@@ -193,46 +200,55 @@ def test_joint_results_name_every_member_and_survive_a_results_file(tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    ("configs", "match"),
+    ("configs", "match", "seed_words"),
     [
         (
             TuningConfigs([LayerConfig([], {"num_terms": 1, "low_rank": 4})]),
-            r"`configs\[0\]\.layer_names` is empty: no layer names matched because none were given",
+            r"`configs\[0\]\.layer_names` is empty: no layer names were given",
+            "no layer names",
         ),
         (
             TuningConfigs([LayerConfig(r"fc9\d", {"num_terms": 1, "low_rank": 4})]),
-            r"`configs\[0\]\.layer_names`='fc9\\\\d' matched no sketchable layer",
+            r"`configs\[0\]\.layer_names`='fc9\\\\d' matched no sketchable layer \(no layer names",
+            "no layer names",
         ),
         (
             TuningConfigs([LayerConfig(["fc1"], {})]),
             r"configs\[0\] has no parameters to tune \(params=\{\}\); give at least one",
+            "no parameters to tune",
         ),
-        (TuningConfigs([]), r"`configs` holds no LayerConfig; give at least one"),
+        (TuningConfigs([]), r"`configs` holds no LayerConfig; give at least one", "LayerConfig"),
         (
             TuningConfigs([LayerConfig(["pool"], "auto")]),
-            r"selects 'pool', a AdaptiveAvgPool2d, which cannot be sketched",
+            r"selects 'pool', a AdaptiveAvgPool2d, which is not supported for sketching",
+            "not supported",
         ),
         (
             TuningConfigs([LayerConfig(["fc1"], {"num_terms": 1, "rank": 4})]),
-            r"is sketched as SKLinear, which takes \['init', 'low_rank', 'num_terms'\]; got "
-            r"unknown parameter\(s\) \['rank'\]",
+            r"parameter\(s\) \['rank'\] not valid for Linear\(128->48\), which is sketched as "
+            r"SKLinear and takes \['init', 'low_rank', 'num_terms'\]",
+            "not valid",
         ),
         (
             TuningConfigs([LayerConfig(["fc1"], {"num_terms": [0, 1], "low_rank": 4})]),
             r"num_terms=Categorical\(\[0, 1\]\) allows 0, which is not valid for Linear\(128->48\)",
+            "not valid",
         ),
     ],
 )
 def test_config_problems_are_raised_by_the_tuner_not_the_configs(
-    configs: TuningConfigs, match: str
+    configs: TuningConfigs, match: str, seed_words: str
 ) -> None:
+    """Each message is precise, and keeps the seed's words for code that matches on them."""
+
     class WithPool(TypicalCNN):
         def __init__(self) -> None:
             super().__init__()
             self.pool = nn.AdaptiveAvgPool2d(1)
 
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as caught:
         SKAutoTuner(WithPool(), configs, always(1.0))
+    assert seed_words in str(caught.value)
 
 
 def test_one_regex_over_linears_of_different_widths_tunes_through_the_callback() -> None:

@@ -13,7 +13,7 @@ def test_regex_is_a_full_match_on_the_qualified_name() -> None:
     assert select_layers(MLP(), r"fc\d") == ["fc1", "fc2"]
     with pytest.raises(
         ValueError,
-        match=r"`layer_names`='fc' matched no sketchable layer\. Sketchable layers: 'fc1' \(Linear\(32->64\)\)",
+        match=r"`layer_names`='fc' matched no sketchable layer \(no layer names to tune\)\. Sketchable layers: 'fc1' \(Linear\(32->64\)\)",
     ):
         select_layers(MLP(), "fc")
 
@@ -39,7 +39,7 @@ def test_attention_out_proj_is_never_a_linear_candidate() -> None:
     ]
     with pytest.raises(
         ValueError,
-        match=r"'attn.out_proj', a NonDynamicallyQuantizableLinear, which cannot be sketched: it is the out_proj",
+        match=r"'attn.out_proj', a NonDynamicallyQuantizableLinear, which is not supported for sketching: it is the out_proj",
     ):
         select_layers(TinyTransformer(), ["attn.out_proj"])
 
@@ -75,12 +75,12 @@ def test_callable_selector() -> None:
 def test_unsupported_and_container_layers_are_explained() -> None:
     with pytest.raises(
         ValueError,
-        match=r"'bn', a BatchNorm2d, which cannot be sketched: sketchtune sketches only Linear, Conv2d, MultiheadAttention",
+        match=r"'bn', a BatchNorm2d, which is not supported for sketching: sketchtune sketches only Linear, Conv2d, MultiheadAttention",
     ):
         select_layers(ConvNet(), ["bn"])
     with pytest.raises(
         ValueError,
-        match=r"'depthwise', a Conv2d, which cannot be sketched: grouped convolutions \(groups=32\)",
+        match=r"'depthwise', a Conv2d, which is not supported for sketching: grouped convolutions \(groups=32\)",
     ):
         select_layers(ConvNet(), "depthwise")
     with pytest.raises(

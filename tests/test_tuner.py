@@ -17,7 +17,7 @@ from sketchtune import Categorical, Int, LayerConfig, OptunaSearch, SKAutoTuner,
 from sketchtune._confirm import ROUNDS
 from sketchtune.nn import SKLinear
 
-from .conftest import MLP, ConvNet
+from .conftest import MLP, ConvNet, kept
 
 X = torch.randn(256, 32, generator=torch.Generator().manual_seed(1))
 
@@ -94,8 +94,16 @@ def test_infeasible_trials_are_constraint_violations_and_minus_inf_only_in_the_t
     df = tuner.get_results_dataframe().set_index("low_rank")
     assert df.loc[4, "score"] == -math.inf and not df.loc[4, "feasible"]
     assert df.loc[8, "feasible"] and df.loc[8, "score"] == pytest.approx(df.loc[8, "speedup"])
-    assert tuner.best_params == {"fc2": {"num_terms": 1, "low_rank": 8}}  # fastest feasible
-    assert study.best_trial.params == {"num_terms": 1, "low_rank": 8}  # Optuna agrees
+    assert kept(tuner) == {
+        "fc2": {"num_terms": 1, "low_rank": 8, "init": "svd"}
+    }  # fastest feasible
+    assert tuner.best_params["fc2"]["params"] == kept(tuner)["fc2"]  # the seed's form
+    assert tuner.best_params["fc2"]["copy_weights"] is True
+    assert study.best_trial.params == {
+        "num_terms": 1,
+        "low_rank": 8,
+        "init": "svd",
+    }  # Optuna agrees
 
 
 def test_speed_is_timed_interleaved_only_for_feasible_trials(mlp: MLP) -> None:
@@ -169,7 +177,7 @@ def test_separate_strategy_opens_one_study_per_layer_and_validates_the_combinati
     )
     tuner.tune()
     assert set(tuner.search_algorithm.studies) == {"fc1", "fc2"}
-    assert set(tuner.best_params) == {"fc1", "fc2"}
+    assert set(kept(tuner)) == {"fc1", "fc2"}
     assert tuner.combination_log == [
         {
             "layers": ["fc1", "fc2"],
@@ -195,7 +203,7 @@ def test_a_combination_that_breaks_the_floor_backs_off_the_least_efficient_layer
     assert steps[0]["accuracy"] == pytest.approx(0.84)
     # fc2 (64x64) saves more FLOPs than fc1 (32x64) for the same accuracy lost: fc1 goes first
     assert steps[1]["layers"] == ["fc2"]
-    assert set(tuner.best_params) == {"fc2"}
+    assert set(kept(tuner)) == {"fc2"}
 
 
 def test_joint_strategy_shares_one_parameter_set(mlp: MLP) -> None:
@@ -209,7 +217,8 @@ def test_joint_strategy_shares_one_parameter_set(mlp: MLP) -> None:
     )
     tuner.tune()
     assert list(tuner.search_algorithm.studies) == ["fc1+fc2"]
-    assert tuner.best_params["fc1"] == tuner.best_params["fc2"] == {"num_terms": 1, "low_rank": 4}
+    shared = {"num_terms": 1, "low_rank": 4, "init": "svd"}
+    assert kept(tuner)["fc1"] == kept(tuner)["fc2"] == shared
     assert set(tuner.get_results_dataframe().layer_name) == {"fc1+fc2"}
 
 
@@ -241,8 +250,10 @@ def test_global_strategy_searches_every_layer_in_one_study_and_evaluates_the_com
         "fc1.enabled",
         "fc1.num_terms",
         "fc1.low_rank",
+        "fc1.init",
         "fc2.enabled",
         "fc2.num_terms",
+        "fc2.init",
         "fc2.low_rank",
     }
     for t in study.trials:
@@ -511,7 +522,7 @@ def test_resume_from_sqlite_reuses_finished_trials_and_continues_numbering(
     assert len(second.get_results_dataframe()) == 7
     assert (
         second.best_plan == first.best_plan
-        or second.best_params["fc2"]["low_rank"] <= first.best_params["fc2"]["low_rank"]
+        or kept(second)["fc2"]["low_rank"] <= kept(first)["fc2"]["low_rank"]
     )
     with pytest.raises(
         ValueError,
@@ -531,7 +542,7 @@ def test_resume_from_sqlite_reuses_finished_trials_and_continues_numbering(
         (
             {"configs": configs({"rank": [4]})},
             ValueError,
-            r"Linear\(32->64\) is sketched as SKLinear, which takes \['init', 'low_rank', 'num_terms'\]; got unknown parameter\(s\) \['rank'\]",
+            r"parameter\(s\) \['rank'\] not valid for Linear\(32->64\), which is sketched as SKLinear and takes \['init', 'low_rank', 'num_terms'\]",
         ),
         (
             {"configs": configs({"low_rank": [4]})},
@@ -756,7 +767,7 @@ def test_default_init_applies_where_the_space_has_none(mlp: MLP) -> None:
         search_algorithm=OptunaSearch(n_trials=2, seed=0),
     )
     tuner.tune()
-    assert {p["init"] for p in tuner.best_params.values()} == {"svd"}
+    assert {p["init"] for p in kept(tuner).values()} == {"svd"}
     with pytest.raises(
         ValueError, match=r"`default_init` must be one of 'sketch', 'svd', 'activation'"
     ):

@@ -69,6 +69,8 @@ class Decision:
     Attributes:
         confirmation: the confirming measurement of the kept plan (timed speed only),
             from :meth:`Confirmation.to_dict`.
+        verdict: one line saying what was kept, or why the model stays dense (the
+            floor broken, plans not faster, not confirmed faster, a combination backed off).
     """
 
     plan: SketchPlan
@@ -78,6 +80,7 @@ class Decision:
     confirmation_log: list[dict[str, Any]] = field(default_factory=list)
     speed: float | None = None
     confirmation: dict[str, Any] | None = None
+    verdict: str = ""
 
 
 def choose(
@@ -107,8 +110,9 @@ def choose(
     """
     timed = judge.evaluator.has_throughput and judge.speed_model is None
     if not bests:
-        say("no feasible configuration faster than the dense model was found; it stays dense.")
-        return Decision(SketchPlan())
+        verdict = why_no_candidate(records, judge.floor.describe(), judge.mode)
+        say(verdict)
+        return Decision(SketchPlan(), verdict=verdict)
     if len(studies) == 1 or len(bests) == 1:
         study = studies[0] if len(studies) == 1 else None
         agreed = _agreed_best(study) if study is not None else None
@@ -123,10 +127,13 @@ def choose(
         if decision.plan:
             speed = f"speedup {decision.speedup:.2f}x at " if decision.speedup is not None else ""
             say(f"best: {decision.plan!r} ({speed}accuracy {decision.accuracy:.4f})")
+        if not decision.verdict:
+            decision.verdict = _kept_text(decision)
         return decision
     if interrupted:
-        say("interrupted: the combined plan of the per-layer winners was not validated.")
-        return Decision(_union(bests.values()))
+        verdict = "interrupted: the combined plan of the per-layer winners was not validated."
+        say(verdict)
+        return Decision(_union(bests.values()), verdict=verdict)
     return _validated_combination(bests, judge, dense_accuracy, say, timed=timed)
 
 
@@ -159,6 +166,47 @@ def finish(
     )
     kept = {name: layer for name, layer in decision.plan.items() if name in selected}
     return dataclasses.replace(decision, plan=SketchPlan(kept))
+
+
+def why_no_candidate(records: Sequence[TrialRecord], floor: str, mode: Mode) -> str:
+    """Why no trial is a candidate: the floor broken, or nothing measured faster."""
+    finished = [r for r in records if r.state == "COMPLETE" and r.plan]
+    if not finished:
+        return "no trial finished; the model stays dense."
+    feasible = [r for r in finished if r.feasible]
+    if not feasible:
+        scored = [r for r in finished if r.accuracy is not None]
+        if not scored:
+            return f"no trial kept the accuracy floor ({floor}); the model stays dense."
+        sign = 1.0 if mode == "max" else -1.0
+        closest = max(scored, key=lambda r: sign * float(r.accuracy or 0.0))
+        return (
+            f"no trial kept the accuracy floor ({floor}): the closest scored "
+            f"{closest.accuracy:.4f} (trial {closest.trial + 1}); the model stays dense."
+        )
+    fastest = max(feasible, key=lambda r: r.speedup or 0.0)
+    plans = len({json.dumps(r.plan, sort_keys=True) for r in feasible})
+    return (
+        f"{plans} plan(s) kept the floor, but none was measured faster than the "
+        f"dense model (fastest {fastest.speedup or 0.0:.2f}x, trial {fastest.trial + 1}); "
+        "the model stays dense."
+    )
+
+
+def _kept_text(decision: Decision) -> str:
+    if not decision.plan:
+        return "the model stays dense."
+    speed = ""
+    if decision.confirmation is not None:
+        c = decision.confirmation
+        speed = (
+            f" at {c['speedup']:.2f}x (confirmed: lower bound {c['lower']:.2f}x over "
+            f"{c['rounds']} interleaved rounds)"
+        )
+    elif decision.speedup is not None:
+        speed = f" at {decision.speedup:.2f}x"
+    accuracy = "" if decision.accuracy is None else f", accuracy {decision.accuracy:.4f}"
+    return f"kept a plan sketching {len(decision.plan)} layer(s){speed}{accuracy}."
 
 
 def score_text(record: TrialRecord) -> str:
@@ -232,11 +280,20 @@ def _confirm_best(
             decision = _decision_of(record, confirmation)
             decision.confirmation_log = log
             return decision
-    say(
-        f"none of the {len(candidates)} fastest feasible plan(s) was confirmed faster than the "
-        "dense model in a repeated interleaved measurement; the model stays dense."
+    measured = "; ".join(
+        f"trial {step['trial'] + 1}: measured {step['measured']:.2f}x, confirmed "
+        f"{step['speedup']:.2f}x (lower bound {step['lower']:.2f}x)"
+        if "failed" not in step
+        else f"trial {step['trial'] + 1}: could not be timed ({step['failed']})"
+        for step in log[:3]
     )
-    return Decision(SketchPlan(), confirmation_log=log)
+    verdict = (
+        f"{len(candidates)} plan(s) kept the floor and measured faster, but none was confirmed "
+        f"faster than the dense model in a repeated interleaved measurement ({measured}); "
+        "the model stays dense."
+    )
+    say(verdict)
+    return Decision(SketchPlan(), confirmation_log=log, verdict=verdict)
 
 
 def _validated_combination(
@@ -255,6 +312,7 @@ def _validated_combination(
     members = dict(bests)
     baseline = dense_accuracy if dense_accuracy is not None else 0.0
     log: list[dict[str, Any]] = []
+    backed_off: list[str] = []
     while members:
         plan = _union(members.values())
         reason = ""
@@ -287,10 +345,13 @@ def _validated_combination(
             assert outcome is not None
             speedup = confirmation.speedup if confirmation is not None else outcome.speedup
             speed_text = f", speedup {speedup:.2f}x" if speedup is not None else ""
-            say(
+            verdict = (
                 f"combined plan of {len(members)} study winner(s) passes: accuracy "
                 f"{outcome.accuracy:.4f} ({judge.floor.describe()}){speed_text}"
             )
+            if backed_off:
+                verdict += f"; backed off {', then '.join(backed_off)}"
+            say(verdict)
             return Decision(
                 plan,
                 outcome.accuracy,
@@ -302,6 +363,7 @@ def _validated_combination(
                     else outcome.speed
                 ),
                 confirmation=None if confirmation is None else confirmation.to_dict(),
+                verdict=verdict + ".",
             )
         if outcome is None or not outcome.feasible:
             what = (
@@ -317,9 +379,14 @@ def _validated_combination(
             )
         drop = min(members, key=lambda label: _efficiency(members[label], judge, baseline))
         say(f"combined plan of {len(members)} winner(s) {why}; backing off {drop!r}")
+        backed_off.append(f"{drop!r} (the plan of {len(members)} {why})")
         del members[drop]
-    say("no combination of per-layer winners keeps the floor faster; the model stays dense.")
-    return Decision(SketchPlan(), combination_log=log)
+    verdict = (
+        "no combination of per-layer winners keeps the floor faster: backed off "
+        f"{', then '.join(backed_off)}; the model stays dense."
+    )
+    say(verdict)
+    return Decision(SketchPlan(), combination_log=log, verdict=verdict)
 
 
 def _efficiency(record: TrialRecord, judge: Judge, dense_accuracy: float) -> float:

@@ -73,6 +73,7 @@ class LoadedResults:
     floor: AccuracyFloor
     dense_accuracy: float | None
     combination_log: list[dict[str, Any]]
+    kept: dict[str, Any]
 
 
 def write_results(
@@ -84,8 +85,12 @@ def write_results(
     records: Sequence[TrialRecord],
     best_plan: SketchPlan | None,
     combination_log: list[dict[str, Any]],
+    kept: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the results as standard JSON (no NaN tokens), atomically."""
+    """Write the results as standard JSON (no NaN tokens), atomically.
+
+    ``kept`` holds the figures of the kept plan (``accuracy``, ``speedup``, ``speed``).
+    """
     data = {
         "_type": _RESULTS_TYPE,
         "_version": _RESULTS_VERSION,
@@ -95,6 +100,7 @@ def write_results(
         "records": [asdict(r) for r in records],
         "best_plan": None if best_plan is None else best_plan.to_dict(),
         "combination_log": combination_log,
+        "kept": dict(kept or {}),
     }
     write_text_atomic(path, json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
 
@@ -153,4 +159,5 @@ def read_results(
         floor=floor,
         dense_accuracy=data.get("dense_accuracy"),
         combination_log=list(data.get("combination_log") or []),
+        kept=dict(data.get("kept") or {}),
     )

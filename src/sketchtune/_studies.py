@@ -136,7 +136,7 @@ class StudyLayout:
             where = f"configs[{index}].layer_names"
             if isinstance(config.layer_names, (list, tuple)) and not config.layer_names:
                 raise ValueError(
-                    f"`{where}` is empty: no layer names matched because none were given; "
+                    f"`{where}` is empty: no layer names were given; "
                     "name at least one layer, or give a regex / dict selector."
                 )
             if isinstance(config.params, dict) and not config.params:
@@ -186,7 +186,12 @@ class StudyLayout:
         else:
             assert isinstance(config.params, dict)
             space = dict(config.params)
-        if "init" in kind.params and "init" not in space and self._default_init != "sketch":
+        if (
+            "init" in kind.params
+            and "init" not in space
+            and self._default_init != "sketch"
+            and config.copy_weights  # without the dense weights only the random sketch exists
+        ):
             space["init"] = Categorical([self._default_init])
         if "init" in space and not config.copy_weights and set(space["init"].grid()) - {"sketch"}:
             raise ValueError(

@@ -318,6 +318,8 @@ class RunSummary:
     storage: str | None
     study_name: str | None
     confirmed_speedup: float | None = None
+    #: what was kept, or why the model stays dense (the tuner's ``verdict``)
+    verdict: str | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -352,7 +354,11 @@ class RunSummary:
                 params = ", ".join(f"{k}={v}" for k, v in layer.params.items())
                 lines.append(f"| {name} | {layer.type} | {params} |")
         else:
-            lines.append("No sketch kept the floor and ran faster: the model stays dense.")
+            lines.append(
+                f"Nothing was kept: {self.verdict}"
+                if self.verdict
+                else "No sketch kept the floor and ran faster: the model stays dense."
+            )
         return "\n".join(lines)
 
     def dashboard_hint(self) -> str:

@@ -98,7 +98,8 @@ def select_layers(model: nn.Module, selector: Any, *, where: str = "layer_names"
         )
     if not chosen:
         raise ValueError(
-            f"`{where}`={selector!r} matched no sketchable layer. {_listing(candidates)}"
+            f"`{where}`={selector!r} matched no sketchable layer (no layer names to tune). "
+            f"{_listing(candidates)}"
         )
     skipped = _also_matched(model, selector)
     if skipped:
@@ -225,8 +226,8 @@ def _explain_unsupported(model: nn.Module, existing: list[str], where: str) -> N
             f"inside it, e.g. the regex {suggestion!r}."
         )
     raise ValueError(
-        f"`{where}` selects {name!r}, a {type(module).__name__}, which cannot be sketched: "
-        f"{unsupported_reason(module)}. {_listing(sketchable_layers(model))}"
+        f"`{where}` selects {name!r}, a {type(module).__name__}, which is not supported for "
+        f"sketching: {unsupported_reason(module)}. {_listing(sketchable_layers(model))}"
     )
 
 

@@ -98,8 +98,11 @@ class SKAutoTuner:
             seed, else 0). Each layer's seed is derived from it and the layer name.
         mode: ``"max"`` if higher accuracy is better, ``"min"`` for a loss.
         default_init: the ``init`` of Linear/Conv2d sketches whose space does not
-            search one: ``"sketch"`` (the seed's), ``"svd"`` or ``"activation"``
-            (input statistics are then gathered once, during the dense baseline).
+            search one (and whose config copies the dense weights): ``"svd"`` (truncated
+            SVD of the trained weight, the callback's default too), ``"activation"``
+            (input statistics are then gathered once, during the dense baseline) or
+            ``"sketch"`` (the seed's random-projection start, which on trained layers
+            rarely keeps a floor: see the README's init table).
         optmization_eval_func: deprecated misspelling of ``optimization_eval_func``.
 
     Attributes:
@@ -133,7 +136,7 @@ class SKAutoTuner:
         >>> best = tuner.tune()
         >>> sorted(best["0"]["params"].items())
         [('low_rank', 16), ('num_terms', 1)]
-        >>> tuner.best_params == {"0": best["0"]["params"]}
+        >>> tuner.best_params["0"]["params"] == best["0"]["params"]
         True
     """
 
@@ -152,7 +155,7 @@ class SKAutoTuner:
         strategy: Strategy | None = None,
         seed: int | None = None,
         mode: Mode = "max",
-        default_init: str = "sketch",
+        default_init: str = "svd",
         optmization_eval_func: SpeedSpec = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -213,6 +216,8 @@ class SKAutoTuner:
         self._optuna_studies: dict[str, optuna.Study] = {}
         self._best_speed: float | None = None
         self.confirmation: dict[str, Any] | None = None
+        #: one line: what the last tune() kept, or why the model stays dense
+        self.verdict: str | None = None
 
     # ------------------------------------------------------------------ read-only views
 
@@ -265,8 +270,8 @@ class SKAutoTuner:
                 (for loggers and progress displays).
 
         Returns:
-            The seed's per-layer mapping: for every tuned layer,
-            ``{"params": {...}, "accuracy": ..., "speed": ..., "score": ...}`` of the
+            The seed's per-layer mapping (:attr:`best_params`): for every tuned layer,
+            ``{"params": {...}, "copy_weights", "accuracy", "speed", "score"}`` of the
             kept plan (joint groups: each member gets the shared params); a layer
             the kept plan leaves dense maps to ``{"params": None, ..., "score": -inf}``.
         """
@@ -359,23 +364,34 @@ class SKAutoTuner:
         self.confirmation = decision.confirmation
         self.combination_log = decision.combination_log
         self.confirmation_log = decision.confirmation_log
+        self.verdict = decision.verdict
 
     # ------------------------------------------------------------------ results
 
     @property
     def best_params(self) -> dict[str, dict[str, Any]]:
-        """``{layer: {param: value}}`` of the best plan (empty before ``tune()``)."""
+        """The seed's form, as :meth:`tune` returns it: ``{layer: {"params", ...}}``.
+
+        Every tuned layer is a key; ``best_params[layer]["params"]`` is the kept
+        ``{param: value}``, or ``None`` for a layer the kept plan leaves dense. Each entry
+        also holds ``copy_weights``, ``accuracy``, ``speed`` and ``score`` of the kept
+        plan. :attr:`best_plan` holds the kept plan itself (``{layer: LayerPlan}``).
+        Empty before ``tune()``.
+        """
         if self.best_plan is None:
             return {}
-        return {name: dict(layer.params) for name, layer in self.best_plan.items()}
+        return self.layer_results
 
     @property
     def layer_results(self) -> dict[str, dict[str, Any]]:
-        """What :meth:`tune` returns: ``{layer: {"params", "accuracy", "speed", "score"}}``."""
-        names = [name for group in self._layout.groups for name in group.names]
+        """What :meth:`tune` returns (:attr:`best_params`)."""
+        copy_weights = {name: g.copy_weights for g in self._layout.groups for name in g.names}
         score = self.best_speedup if self.best_speedup is not None else self.best_accuracy
         kept = {"accuracy": self.best_accuracy, "speed": self._best_speed, "score": score}
-        return seed_layer_results(names, self.best_plan or SketchPlan(), kept)
+        results = seed_layer_results(list(copy_weights), self.best_plan or SketchPlan(), kept)
+        for name, entry in results.items():
+            entry["copy_weights"] = copy_weights[name]
+        return results
 
     @property
     def results(self) -> dict[str, list[dict[str, Any]]]:
@@ -396,7 +412,7 @@ class SKAutoTuner:
         if self.best_plan is None:
             raise RuntimeError("call tune() (or load_tuning_results()) before apply_best_params().")
         if not self.best_plan:
-            warn("the best plan is empty (nothing kept the accuracy floor); the model stays dense.")
+            warn(f"the kept plan is empty: {self.verdict or 'the model stays dense.'}")
             return self.model
         return self.apply(self.best_plan)
 
@@ -445,6 +461,12 @@ class SKAutoTuner:
             records=self.records,
             best_plan=self.best_plan,
             combination_log=self.combination_log,
+            kept={
+                "accuracy": self.best_accuracy,
+                "speedup": self.best_speedup,
+                "speed": self._best_speed,
+                "verdict": self.verdict,
+            },
         )
 
     def load_tuning_results(self, path: str | os.PathLike[str]) -> None:
@@ -455,3 +477,7 @@ class SKAutoTuner:
         self._judge.set_floor(loaded.floor)
         self.dense_accuracy = loaded.dense_accuracy
         self.combination_log = loaded.combination_log
+        self.best_accuracy = loaded.kept.get("accuracy")
+        self.best_speedup = loaded.kept.get("speedup")
+        self._best_speed = loaded.kept.get("speed")
+        self.verdict = loaded.kept.get("verdict")

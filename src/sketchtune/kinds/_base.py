@@ -167,8 +167,8 @@ class SketchKind:
         unknown = sorted(set(given) - set(self.params))
         if unknown:
             raise ValueError(
-                f"{where}: {self.describe(dense)} is sketched as {self.name}, which takes "
-                f"{sorted(self.params)}; got unknown parameter(s) {unknown}."
+                f"{where}: parameter(s) {unknown} not valid for {self.describe(dense)}, which is "
+                f"sketched as {self.name} and takes {sorted(self.params)}."
             )
         return sorted(set(self.params) - set(given) - set(self.defaults))
 

@@ -143,8 +143,9 @@ def log_outcome(
         )
     else:
         rank_zero_info(
-            f"sketchtune: no plan kept the floor ({floor}) and ran faster; the model stays dense. "
-            f"{feasible}/{len(results)} trials feasible; study {search.study_name!r} in {where}."
+            f"sketchtune: nothing was kept: {tuner.verdict or 'the model stays dense.'} "
+            f"{feasible}/{len(results)} trials feasible (floor {floor}); study "
+            f"{search.study_name!r} in {where}."
         )
     summary = {
         "sketchtune/dense_accuracy": tuner.dense_accuracy,
@@ -218,6 +219,7 @@ def summarize(
         study_name=search.study_name,
         # the same figure as best_speedup: the median of the confirmation's per-round ratios
         confirmed_speedup=tuner.best_speedup if plan and tuner.confirmation else None,
+        verdict=tuner.verdict,
     )
     text = "sketchtune: dense vs tuned\n" + summary.table() + "\n" + summary.dashboard_hint()
     if output_dir is not None:
