@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import TrialState
 from torch import nn
 
+from sketchtune._atomic import write_text_atomic
 from sketchtune._redact import redact
 from sketchtune._trialinfo import TrialInfo
 from sketchtune.plan import SketchPlan
@@ -384,10 +385,11 @@ def write_report(
         name: os.path.join(os.fspath(out_dir), name)
         for name in ("results.csv", "plan.json", "summary.md")
     }
-    records_dataframe(records).to_csv(paths["results.csv"], index=False)
+    write_text_atomic(paths["results.csv"], records_dataframe(records).to_csv(index=False))
     summary.plan.save(paths["plan.json"])
-    with open(paths["summary.md"], "w", encoding="utf-8") as fh:
-        fh.write(summary.table() + "\n\n" + summary.dashboard_hint() + "\n")
+    write_text_atomic(
+        paths["summary.md"], summary.table() + "\n\n" + summary.dashboard_hint() + "\n"
+    )
     try:
         _pyplot()
     except ImportError:

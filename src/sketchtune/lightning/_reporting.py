@@ -10,6 +10,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from sketchtune._atomic import write_text_atomic
 from sketchtune.plan import SketchPlan
 from sketchtune.results import RunSummary, TrialRecord, write_report
 from sketchtune.search import OptunaSearch, redact
@@ -160,7 +161,9 @@ def log_outcome(
         if isinstance(log_dir, str):
             os.makedirs(log_dir, exist_ok=True)
             plan.save(os.path.join(log_dir, "sketchtune_plan.json"))
-            results.to_csv(os.path.join(log_dir, "sketchtune_trials.csv"), index=False)
+            write_text_atomic(
+                os.path.join(log_dir, "sketchtune_trials.csv"), results.to_csv(index=False)
+            )
         logger.save()
 
 
