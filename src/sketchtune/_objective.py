@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sketchtune._best import BestTracker, score_text
+from sketchtune._events import Events
 from sketchtune._judge import Judge, Outcome, TrialFailed
 from sketchtune._studies import StudyLayout, StudySpec
 from sketchtune._trialinfo import (
@@ -37,7 +38,6 @@ __all__ = [
     "quiet_optuna",
     "resume_hint",
     "run_study",
-    "say",
     "sigterm_as_interrupt",
     "warm_start",
 ]
@@ -50,13 +50,6 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 class OverBudget(Exception):
     """Another worker took the last slot of the budget first; this trial is not run."""
-
-
-def say(message: str, verbose: bool) -> None:
-    """Log ``message``; also print it when ``verbose``."""
-    log.info(message)
-    if verbose:
-        print(message, flush=True)
 
 
 def warm_start(
@@ -85,8 +78,7 @@ def run_study(
     *,
     dense_accuracy: float | None,
     deadline: float | None,
-    verbose: bool,
-    callbacks: Sequence[Callable[[TrialRecord], None]],
+    events: Events,
 ) -> None:
     """Run ``spec``'s study until its budget (or the deadline) is used up."""
     search.set_current(study)  # the study being tuned, as in the seed
@@ -96,9 +88,7 @@ def run_study(
         make_objective(spec, layout, judge, search, dense_accuracy),
         deadline=deadline,
         catch=(TrialFailed, OverBudget),
-        after_trial=make_reporter(
-            spec, best, judge, n_trials=search.n_trials, verbose=verbose, callbacks=callbacks
-        ),
+        after_trial=make_reporter(spec, best, judge, n_trials=search.n_trials, events=events),
     )
 
 
@@ -188,10 +178,9 @@ def make_reporter(
     judge: Judge,
     *,
     n_trials: int | None,
-    verbose: bool,
-    callbacks: Sequence[Callable[[TrialRecord], None]] = (),
+    events: Events,
 ) -> Callable[[optuna.Study, FrozenTrial], None]:
-    """Optuna's after-trial callback: keep the best, call ``callbacks``, print one line."""
+    """Optuna's after-trial callback: keep the best, tell ``events`` (the trial, one line)."""
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         info = TrialInfo.of(trial)
@@ -199,10 +188,8 @@ def make_reporter(
             return
         record = record_from_trial(spec.label, trial)
         best.consider(spec.label, record)
-        for callback in callbacks:
-            callback(record)
-        if verbose:
-            say(_trial_line(spec, record, info, best, judge, n_trials), verbose)
+        events.trial(record)
+        events.say(_trial_line(spec, record, info, best, judge, n_trials))
 
     return after_trial
 

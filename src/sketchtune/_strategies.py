@@ -8,17 +8,17 @@ study, warm-started with its most accurate plan.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 
 import optuna
 
 from sketchtune._best import BestTracker
 from sketchtune._builder import PlanBuilder
+from sketchtune._events import Events
 from sketchtune._judge import Judge
 from sketchtune._objective import run_study, warm_start
 from sketchtune._planner import Planner, observed_layers, run_planned_study
 from sketchtune._studies import StudyLayout
-from sketchtune.results import TrialRecord
 from sketchtune.search import OptunaSearch
 
 __all__ = ["observed_layers_for", "run_search"]
@@ -43,8 +43,7 @@ def run_search(
     seed: int,
     dense_accuracy: float | None,
     deadline: float | None,
-    verbose: bool,
-    callbacks: Sequence[Callable[[TrialRecord], None]],
+    events: Events,
 ) -> Planner | None:
     """Run every study of ``layout`` to its budget; the planner of a global search, else ``None``."""
     if strategy == "global":
@@ -60,8 +59,7 @@ def run_search(
             seed=seed,
             dense_accuracy=dense_accuracy,
             deadline=deadline,
-            verbose=verbose,
-            callbacks=callbacks,
+            events=events,
         )
     warm_start(search, layout, studies)
     for spec in layout.specs:
@@ -74,7 +72,6 @@ def run_search(
             best,
             dense_accuracy=dense_accuracy,
             deadline=deadline,
-            verbose=verbose,
-            callbacks=callbacks,
+            events=events,
         )
     return None

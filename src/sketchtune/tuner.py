@@ -33,14 +33,10 @@ from torch import nn
 
 from sketchtune._best import BestTracker, finish
 from sketchtune._builder import PlanBuilder
+from sketchtune._events import Events, Listener
 from sketchtune._fingerprint import check_dense_record, check_fingerprints
 from sketchtune._judge import Judge
-from sketchtune._objective import (
-    quiet_optuna,
-    resume_hint,
-    say,
-    sigterm_as_interrupt,
-)
+from sketchtune._objective import quiet_optuna, resume_hint, sigterm_as_interrupt
 from sketchtune._planner import Planner
 from sketchtune._results import (
     read_results,
@@ -64,7 +60,7 @@ from sketchtune.nn import INITS
 from sketchtune.plan import SketchPlan, Swap, apply_plan, build_replacements
 from sketchtune.registry import BuildAids
 from sketchtune.results import TrialRecord, format_model_tree, records_dataframe
-from sketchtune.search import OptunaSearch
+from sketchtune.search import OptunaSearch, redact
 
 __all__ = ["SKAutoTuner", "check_configs"]
 
@@ -216,6 +212,7 @@ class SKAutoTuner:
         self._optuna_studies: dict[str, optuna.Study] = {}
         self._best_speed: float | None = None
         self.confirmation: dict[str, Any] | None = None
+        self._events = Events(verbose=self.verbose)
         #: one line: what the last tune() kept, or why the model stays dense
         self.verdict: str | None = None
 
@@ -256,18 +253,23 @@ class SKAutoTuner:
         return self._judge.flops_speedup(plan)
 
     def _say(self, message: str) -> None:
-        say(message, self.verbose)
+        self._events.say(message)
 
     # ------------------------------------------------------------------ tuning
 
     def tune(
-        self, *, callbacks: Sequence[Callable[[TrialRecord], None]] = ()
+        self,
+        *,
+        callbacks: Sequence[Callable[[TrialRecord], None]] = (),
+        listeners: Sequence[Listener] = (),
     ) -> dict[str, dict[str, Any]]:
         """Run the search. The model is left as it was; apply the result with :meth:`apply_best_params`.
 
         Args:
             callbacks: called with each finished trial's :class:`TrialRecord`
                 (for loggers and progress displays).
+            listeners: receive the search's lines, trials and phase progress
+                (:class:`sketchtune._events.Listener`; the Lightning callback's progress bars).
 
         Returns:
             The seed's per-layer mapping (:attr:`best_params`): for every tuned layer,
@@ -275,6 +277,7 @@ class SKAutoTuner:
             kept plan (joint groups: each member gets the shared params); a layer
             the kept plan leaves dense maps to ``{"params": None, ..., "score": -inf}``.
         """
+        self._events = Events(verbose=self.verbose, listeners=listeners, trial_callbacks=callbacks)
         self.interrupted = False
         self.combination_log = []
         self.confirmation_log = []
@@ -297,6 +300,7 @@ class SKAutoTuner:
                     mode=self.mode,
                     storage=search.storage,
                 )
+                self._note_reused(search)
                 try:
                     self._baseline()
                     self.planner = run_search(
@@ -310,8 +314,7 @@ class SKAutoTuner:
                         seed=self.seed,
                         dense_accuracy=self.dense_accuracy,
                         deadline=deadline,
-                        verbose=self.verbose,
-                        callbacks=callbacks,
+                        events=self._events,
                     )
                 except KeyboardInterrupt:
                     self.interrupted = True
@@ -334,6 +337,29 @@ class SKAutoTuner:
         coordinator calls :meth:`tune`, so collective operations line up.
         """
         self._judge.follow()
+
+    def _note_reused(self, search: OptunaSearch) -> None:
+        """One line when the studies already hold trials: they are reused, and how to get more."""
+        counted = {label: search.counted_trials(s) for label, s in self._optuna_studies.items()}
+        held = sum(counted.values())
+        if not held:
+            return
+        budget = search.n_trials
+        left = sum(max(0, budget - n) for n in counted.values()) if budget is not None else None
+        names = sorted({s.study_name for s in self._optuna_studies.values()})
+        shown = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more)"
+        in_memory = search.storage is None or isinstance(
+            search.storage, optuna.storages.InMemoryStorage
+        )
+        where = "in memory" if in_memory else f"in {redact(search.storage)}"
+        if left == 0:
+            plan = "its budget is used up, so it runs no trial and its result is reused"
+        else:
+            plan = f"they are reused and {left} more will run"
+        self._events.note(
+            f"study {shown!r} {where} already has {held} trial(s) (n_trials={budget}): {plan}. "
+            "For more trials raise n_trials; to start over pass a new study_name."
+        )
 
     def _baseline(self) -> None:
         """The dense accuracy (measured; on resume, compared with the study's record) and the floor."""

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 
 import optuna
 
 from sketchtune._best import BestTracker
 from sketchtune._builder import PlanBuilder
+from sketchtune._events import Events
 from sketchtune._judge import Judge, TrialFailed
-from sketchtune._objective import OverBudget, make_objective, make_reporter, say
+from sketchtune._objective import OverBudget, make_objective, make_reporter
 from sketchtune._planner._driver import TAG, Planner
 from sketchtune._studies import StudyLayout, StudySpec
-from sketchtune.results import TrialRecord
 from sketchtune.search import OptunaSearch
 
 __all__ = ["run_planned_study"]
@@ -31,8 +30,7 @@ def run_planned_study(
     seed: int,
     dense_accuracy: float | None,
     deadline: float | None,
-    verbose: bool,
-    callbacks: Sequence[Callable[[TrialRecord], None]],
+    events: Events,
 ) -> Planner | None:
     """Run ``spec``'s study: the planner's proposals first, then (if any budget is left) the sampler.
 
@@ -44,9 +42,7 @@ def run_planned_study(
     best.consider_study(spec.label, study)
     catch = (TrialFailed, OverBudget)
     objective = make_objective(spec, layout, judge, search, dense_accuracy)
-    reporter = make_reporter(
-        spec, best, judge, n_trials=search.n_trials, verbose=verbose, callbacks=callbacks
-    )
+    reporter = make_reporter(spec, best, judge, n_trials=search.n_trials, events=events)
     if isinstance(search.sampler, optuna.samplers.GridSampler):
         search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
         return None
@@ -56,13 +52,12 @@ def run_planned_study(
     source = (
         "stored in the study" if planner.loaded else f"prepared in {planner.prepare_seconds:.2f} s"
     )
-    say(
+    events.say(
         f"[{spec.label}] planner: {len(planner.options)} layer group(s), "
         f"{sum(len(o.candidates) for o in planner.options)} candidates ({planner.unit}, {source}), "
         f"frontier of {len(planner.frontier)} plans up to "
         f"{planner.frontier.costs[0] / max(planner.frontier.costs[-1], 1e-30):.2f}x predicted, "
-        f"allocated in {planner.allocate_seconds * 1000:.1f} ms",
-        verbose,
+        f"allocated in {planner.allocate_seconds * 1000:.1f} ms"
     )
     while True:
         search.snapshot = study.get_trials(deepcopy=False)

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from sketchtune._atomic import write_text_atomic
+from sketchtune._events import Listener
 from sketchtune.plan import SketchPlan
 from sketchtune.results import RunSummary, TrialRecord, write_report
 from sketchtune.search import OptunaSearch, redact
@@ -66,8 +68,11 @@ class TrialLogger:
         self.trials += 1
 
 
-class Progress:
-    """Trial progress: a tqdm bar next to Lightning's TQDM bar, one log line per trial otherwise."""
+class Progress(Listener):
+    """Trial progress: a tqdm bar next to Lightning's TQDM bar, one log line per trial otherwise.
+
+    The search's notes (a reused study, a changed floor, ...) are always logged.
+    """
 
     def __init__(self, trainer: Trainer, total: int) -> None:
         from lightning.pytorch.callbacks import TQDMProgressBar
@@ -87,6 +92,17 @@ class Progress:
             )
         elif bar is not None:
             self.lines = True  # e.g. Rich, whose live display prints log lines above itself
+
+    @override
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"sketchtune: {text}")
+        else:
+            rank_zero_info(f"sketchtune: {text}")
+
+    @override
+    def trial(self, record: TrialRecord) -> None:
+        self.update(record)
 
     def update(self, record: TrialRecord) -> None:
         """Count ``record`` and show the best feasible speedup so far."""

@@ -7,7 +7,7 @@ The callback's ``_search`` hook calls :func:`run_search` (as Lightning's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
@@ -114,8 +114,7 @@ def run_search(
                 "Trainer a val_dataloader and limit_val_batches > 0."
             )
         if trainer.is_global_zero:
-            callbacks: list[Any] = [log_trial] + ([progress.update] if progress else [])
-            tuner.tune(callbacks=callbacks)
+            tuner.tune(callbacks=[log_trial], listeners=[progress] if progress else [])
         else:
             tuner.follow()
         plan = _agreed_plan(trainer, tuner.best_plan)
