@@ -12,7 +12,7 @@ import pytest
 from torch import nn
 
 from sketchtune import LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
-from sketchtune._confirm import ROUNDS, Confirmation
+from sketchtune._search._confirm import ROUNDS, Confirmation
 
 
 class MLP(nn.Module):

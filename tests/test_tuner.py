@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from torch import nn
 
 from sketchtune import Categorical, Int, LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
-from sketchtune._confirm import ROUNDS
+from sketchtune._search._confirm import ROUNDS
 from sketchtune.nn import SKLinear
 
 from .conftest import MLP, ConvNet, kept

@@ -13,7 +13,7 @@ from torch import nn
 
 from sketchtune._atomic import write_text_atomic
 from sketchtune._redact import redact
-from sketchtune._trialinfo import TrialInfo
+from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.plan import SketchPlan
 from sketchtune.registry import kind_of, sketch_of, swapped_whole
 

@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sketchtune._redact import redact
-from sketchtune._trialinfo import TrialInfo, counts_against_budget
+from sketchtune._search._trialinfo import TrialInfo, counts_against_budget
 from sketchtune._validation import check_bool, check_choice, check_float, check_int, check_seed
 
 __all__ = ["OptunaSearch", "redact"]

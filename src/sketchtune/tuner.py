@@ -15,10 +15,9 @@ The API is the seed's (``SKAutoTuner``, ``TuningConfigs``, ``LayerConfig``,
   validated, and backed off layer by layer if it breaks the floor.
 
 This module is the front end (arguments, ``tune``, results). The work is done by
-private modules: ``_studies`` (configs -> studies, trials <-> plans),
-``_builder`` (sketched modules, calibration), ``_judge`` (evaluating a plan;
-the floor), ``_objective`` (the Optuna objective), ``_best`` (choosing the
-winner) and ``_trialinfo`` (the record kept on each trial).
+the private subpackages ``sketchtune._search`` (studies, plan building, judging,
+the objective, timing and confirmation, choosing the kept plan; see its
+``__init__``) and ``sketchtune._planner`` (the planned global search).
 """
 
 from __future__ import annotations
@@ -31,22 +30,22 @@ from typing import Any, Literal
 import optuna
 from torch import nn
 
-from sketchtune._best import BestTracker, finish
-from sketchtune._builder import PlanBuilder
-from sketchtune._events import Events, Listener
-from sketchtune._fingerprint import check_dense_record, check_fingerprints
-from sketchtune._judge import Judge
-from sketchtune._objective import quiet_optuna, resume_hint, sigterm_as_interrupt
 from sketchtune._planner import Planner
-from sketchtune._results import (
+from sketchtune._search._best import BestTracker, finish
+from sketchtune._search._builder import PlanBuilder
+from sketchtune._search._events import Events, Listener
+from sketchtune._search._fingerprint import check_dense_record, check_fingerprints
+from sketchtune._search._judge import Judge
+from sketchtune._search._objective import quiet_optuna, resume_hint, sigterm_as_interrupt
+from sketchtune._search._results import (
     read_results,
     seed_layer_results,
     seed_results,
     study_records,
     write_results,
 )
-from sketchtune._strategies import observed_layers_for, run_search
-from sketchtune._studies import Strategy, StudyLayout, StudySpec, check_configs
+from sketchtune._search._strategies import observed_layers_for, run_search
+from sketchtune._search._studies import Strategy, StudyLayout, StudySpec, check_configs
 from sketchtune._validation import check_choice, check_int, check_seed, warn
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.evaluate import (
@@ -269,7 +268,7 @@ class SKAutoTuner:
             callbacks: called with each finished trial's :class:`TrialRecord`
                 (for loggers and progress displays).
             listeners: receive the search's lines, trials and phase progress
-                (:class:`sketchtune._events.Listener`; the Lightning callback's progress bars).
+                (:class:`sketchtune._search._events.Listener`; the Lightning callback's progress bars).
 
         Returns:
             The seed's per-layer mapping (:attr:`best_params`): for every tuned layer,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sketchtune._modes import eval_mode
-from sketchtune._studies import Group
+from sketchtune._search._studies import Group
 from sketchtune.kinds._base import CallShapes
 from sketchtune.plan import SketchPlan
 

@@ -37,12 +37,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sketchtune._builder import PlanBuilder
-from sketchtune._judge import Judge
 from sketchtune._planner._frontier import Frontier, allocate
 from sketchtune._planner._options import GroupOptions, Recorded, group_options
-from sketchtune._studies import ENABLED, StudyLayout, StudySpec
-from sketchtune._trialinfo import TrialInfo
+from sketchtune._search._builder import PlanBuilder
+from sketchtune._search._judge import Judge
+from sketchtune._search._studies import ENABLED, StudyLayout, StudySpec
+from sketchtune._search._trialinfo import TrialInfo
 
 __all__ = ["STUDY_ATTR", "TAG", "Planner", "Proposal"]
 

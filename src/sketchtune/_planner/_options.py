@@ -26,7 +26,7 @@ from sketchtune._planner._costs import (
     sketch_macs,
 )
 from sketchtune._planner._errors import closed_form_errors, measured_error
-from sketchtune._studies import Group, StudyLayout
+from sketchtune._search._studies import Group, StudyLayout
 from sketchtune.kinds._base import CallShapes
 from sketchtune.kinds._lowrank import LowRankKind
 from sketchtune.nn import InputCovariance

@@ -6,13 +6,13 @@ import time
 
 import optuna
 
-from sketchtune._best import BestTracker
-from sketchtune._builder import PlanBuilder
-from sketchtune._events import Events
-from sketchtune._judge import Judge, TrialFailed
-from sketchtune._objective import OverBudget, make_objective, make_reporter
 from sketchtune._planner._driver import TAG, Planner
-from sketchtune._studies import StudyLayout, StudySpec
+from sketchtune._search._best import BestTracker
+from sketchtune._search._builder import PlanBuilder
+from sketchtune._search._events import Events
+from sketchtune._search._judge import Judge, TrialFailed
+from sketchtune._search._objective import OverBudget, make_objective, make_reporter
+from sketchtune._search._studies import StudyLayout, StudySpec
 from sketchtune.search import OptunaSearch
 
 __all__ = ["run_planned_study"]

@@ -12,7 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from sketchtune._atomic import write_text_atomic
-from sketchtune._events import Listener
+from sketchtune._search._events import Listener
 from sketchtune.plan import SketchPlan
 from sketchtune.results import RunSummary, TrialRecord, write_report
 from sketchtune.search import OptunaSearch, redact

@@ -14,10 +14,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from sketchtune._confirm import ROUNDS, Confirmation
-from sketchtune._judge import Judge, TrialFailed
-from sketchtune._studies import StudySpec
-from sketchtune._trialinfo import TrialInfo
+from sketchtune._search._confirm import ROUNDS, Confirmation
+from sketchtune._search._judge import Judge, TrialFailed
+from sketchtune._search._studies import StudySpec
+from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.evaluate import Mode
 from sketchtune.plan import SketchPlan
 from sketchtune.results import TrialRecord, json_ready, record_from_trial
@@ -96,7 +96,7 @@ def choose(
     """The global winner, or the validated combination of per-study winners.
 
     With a timed speed objective, the kept plan is the one whose confirming
-    measurement (:mod:`sketchtune._confirm`) shows it faster than the dense
+    measurement (:mod:`sketchtune._search._confirm`) shows it faster than the dense
     model with confidence; when none does, the model stays dense.
 
     Args:

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from sketchtune._redact import redact
-from sketchtune._studies import StudyLayout, StudySpec
+from sketchtune._search._studies import StudyLayout, StudySpec
 from sketchtune._validation import warn
 
 __all__ = ["check_dense_record", "check_fingerprint", "check_fingerprints", "fingerprint"]

@@ -13,8 +13,8 @@ import optuna
 from optuna.trial import TrialState
 
 from sketchtune._atomic import write_text_atomic
-from sketchtune._studies import StudySpec
-from sketchtune._trialinfo import TrialInfo
+from sketchtune._search._studies import StudySpec
+from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.evaluate import AccuracyFloor
 from sketchtune.plan import SketchPlan
 from sketchtune.results import TrialRecord, json_ready, record_from_trial

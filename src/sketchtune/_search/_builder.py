@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sketchtune._trialinfo import frozen_params_key
+from sketchtune._search._trialinfo import frozen_params_key
 from sketchtune.nn import InputCovariance, LowRankFactors
 from sketchtune.plan import LayerPlan, SketchPlan
 from sketchtune.registry import BuildAids, SketchKind, kind_named

@@ -16,11 +16,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sketchtune._best import BestTracker, score_text
-from sketchtune._events import Events
-from sketchtune._judge import Judge, Outcome, TrialFailed
-from sketchtune._studies import StudyLayout, StudySpec
-from sketchtune._trialinfo import (
+from sketchtune._search._best import BestTracker, score_text
+from sketchtune._search._events import Events
+from sketchtune._search._judge import Judge, Outcome, TrialFailed
+from sketchtune._search._studies import StudyLayout, StudySpec
+from sketchtune._search._trialinfo import (
     TrialInfo,
     constraint_of,
     finished_twin,

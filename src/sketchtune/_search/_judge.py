@@ -14,7 +14,7 @@ from typing import Literal
 import optuna
 from torch import nn
 
-from sketchtune._builder import PlanBuilder
+from sketchtune._search._builder import PlanBuilder
 from sketchtune._validation import warn
 from sketchtune.evaluate import (
     REMOTE_TRIAL,

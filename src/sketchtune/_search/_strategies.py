@@ -12,13 +12,13 @@ from collections.abc import Mapping
 
 import optuna
 
-from sketchtune._best import BestTracker
-from sketchtune._builder import PlanBuilder
-from sketchtune._events import Events
-from sketchtune._judge import Judge
-from sketchtune._objective import run_study, warm_start
 from sketchtune._planner import Planner, observed_layers, run_planned_study
-from sketchtune._studies import StudyLayout
+from sketchtune._search._best import BestTracker
+from sketchtune._search._builder import PlanBuilder
+from sketchtune._search._events import Events
+from sketchtune._search._judge import Judge
+from sketchtune._search._objective import run_study, warm_start
+from sketchtune._search._studies import StudyLayout
 from sketchtune.search import OptunaSearch
 
 __all__ = ["observed_layers_for", "run_search"]

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import optuna
 from torch import nn
 
-from sketchtune._fit import fit_space, without_tied
+from sketchtune._search._fit import fit_space, without_tied
 from sketchtune._validation import check_choice, warn
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.nn import INITS
