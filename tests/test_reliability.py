@@ -28,6 +28,7 @@ from sketchtune import (
     estimate_speedup,
 )
 from sketchtune._atomic import write_text_atomic
+from sketchtune._search._confirm import MIN_ROUNDS
 from sketchtune.nn import SKLinear
 from sketchtune.results import RunSummary
 from sketchtune.search import open_rdb_storage, redact
@@ -419,26 +420,28 @@ def test_ctrl_c_during_the_final_confirmation_ends_cleanly() -> None:
 
     def speed(m: nn.Module) -> float:
         calls["n"] += 1
-        if calls["n"] > 6:  # the trials are done; the confirmation is running
+        # each layer's trial takes 5 rounds (2 calls each) to confirm its 2x; after both,
+        # the confirmation of the combined plan is running
+        if calls["n"] > 2 * 2 * MIN_ROUNDS:
             raise KeyboardInterrupt
-        return 200.0 if isinstance(m.fc2, SKLinear) else 100.0
+        sketched = isinstance(m.fc1, SKLinear) or isinstance(m.fc2, SKLinear)
+        return 200.0 if sketched else 100.0
 
     tuner = SKAutoTuner(
         model,
-        LayerConfig(["fc2"], {"num_terms": 1, "low_rank": [4, 8, 16]}),
+        LayerConfig(["fc1", "fc2"], {"num_terms": 1, "low_rank": [8]}),
         lambda m: 1.0,
         accuracy_threshold=0.5,
         optimization_eval_func=speed,
         verbose=True,
-        search_algorithm=OptunaSearch(
-            sampler=optuna.samplers.GridSampler({"num_terms": [1], "low_rank": [4, 8, 16]}, seed=0)
-        ),
+        search_algorithm=OptunaSearch(n_trials=1),
     )
     tuner.tune()
     assert tuner.interrupted
-    assert isinstance(model.fc2, nn.Linear)  # restored
+    assert calls["n"] > 2 * 2 * MIN_ROUNDS  # it was interrupted in the final confirmation
+    assert isinstance(model.fc1, nn.Linear) and isinstance(model.fc2, nn.Linear)  # restored
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert len(tuner.get_results_dataframe()) == 3  # every finished trial kept
+    assert len(tuner.get_results_dataframe()) == 2  # every finished trial kept
 
 
 def test_a_model_on_the_meta_device_is_refused_up_front() -> None:

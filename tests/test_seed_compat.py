@@ -154,6 +154,7 @@ def test_tune_returns_the_seeds_per_layer_mapping_and_results_per_study() -> Non
         "speed": None,
         "score": -math.inf,
         "copy_weights": True,
+        "trial": None,
     }
 
     results = tuner.results

@@ -158,7 +158,12 @@ class Command:
     has_trial: bool
     measure_speed: bool
     floor: float | None
-    rounds: int = 0  # > 0: time the plan against the dense model this many rounds, nothing else
+    #: time the plan against the dense model until settled, from ``prior`` rounds, nothing else
+    confirm: bool = False
+    #: the best confirmed speedup so far (a plan that looks faster is timed on)
+    beat: float = 1.0
+    #: ``[[dense, plan], ...]`` rounds already timed (a confirmation goes on from them)
+    prior: list[list[float]] | None = None
 
 
 class Evaluator(ABC):
@@ -209,8 +214,25 @@ class Evaluator(ABC):
         """
 
     def throughput(self, model: nn.Module) -> float:
-        """The model's speed (higher is faster), e.g. samples per second."""
+        """The model's speed (higher is faster), e.g. samples per second: one timing slice.
+
+        The tuner calls it in interleaved rounds (dense model, plan; plan, dense model; ...)
+        and takes the median of the rounds' ratios, so it should be short and repeatable.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not measure speed")
+
+    def warm(self, model: nn.Module) -> None:  # noqa: B027 - an optional hook
+        """Run ``model`` untimed before its first timed slice (no-op by default).
+
+        Called once for the dense model, then once each time a plan is about to be timed.
+        """
+
+    def start_round(self, index: int) -> None:  # noqa: B027 - an optional hook
+        """The next two :meth:`throughput` calls (dense and plan) form timing round ``index``.
+
+        An evaluator that times slices of a fixed set of batches times the same slice for
+        both models of a round, and another slice in the next round (no-op by default).
+        """
 
 
 class FunctionEvaluator(Evaluator):

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from optuna.trial import FrozenTrial
 
+    from sketchtune.evaluate import AccuracyFloor
+
 __all__ = [
     "RunSummary",
     "TrialRecord",
@@ -36,7 +38,12 @@ __all__ = [
 
 @dataclass
 class TrialRecord:
-    """One row of the results table: a trial as sketchtune recorded it."""
+    """One row of the results table: a trial as sketchtune recorded it.
+
+    ``trial`` is Optuna's trial number (0-based); logs, plots and ``results.csv`` show
+    it 1-based, as the trial count. ``rounds`` holds the interleaved timing rounds
+    (``[[dense, plan], ...]`` throughputs) behind ``speedup``, their median.
+    """
 
     layer_name: str
     params: dict[str, Any]
@@ -51,12 +58,29 @@ class TrialRecord:
     reason: str | None = None
     plan: dict[str, Any] = field(default_factory=dict)
     flops_speedup: float | None = None
+    rounds: list[list[float]] = field(default_factory=list)
+    confirmed: bool = False
+    lower: float | None = None
+    upper: float | None = None
+    run: str | None = None
+    duplicate_of: int | None = None
 
 
-def record_from_trial(label: str, trial: FrozenTrial) -> TrialRecord:
-    """The results-table row of an Optuna trial that sketchtune ran (``label``: its study)."""
+def record_from_trial(
+    label: str, trial: FrozenTrial, floor: AccuracyFloor | None = None
+) -> TrialRecord:
+    """The results-table row of an Optuna trial that sketchtune ran (``label``: its study).
+
+    With ``floor``, feasibility is judged against it (today's floor), not taken from what
+    was stored when the trial ran: a resumed study with a tighter floor re-judges every
+    trial. A trial stopped early (its validation proved the floor out of reach) stays
+    infeasible: only a bound of its accuracy is known.
+    """
     info = TrialInfo.of(trial)
-    feasible = bool(info.feasible) and trial.state == TrialState.COMPLETE
+    if floor is not None and info.accuracy is not None and not info.early_stop:
+        feasible = floor.feasible(info.accuracy) and trial.state == TrialState.COMPLETE
+    else:
+        feasible = bool(info.feasible) and trial.state == TrialState.COMPLETE
     accuracy = info.accuracy
     speedup = info.speedup
     if not feasible:
@@ -78,6 +102,12 @@ def record_from_trial(label: str, trial: FrozenTrial) -> TrialRecord:
         reason=info.reason,
         plan=dict(info.plan or {}),
         flops_speedup=info.flops_speedup,
+        rounds=[list(r) for r in info.rounds or []],
+        confirmed=bool(info.confirmed),
+        lower=info.lower,
+        upper=info.upper,
+        run=info.run,
+        duplicate_of=info.duplicate_of,
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -36,7 +37,13 @@ from sketchtune._search._builder import PlanBuilder
 from sketchtune._search._events import Events, Listener
 from sketchtune._search._fingerprint import check_dense_record, check_fingerprints
 from sketchtune._search._judge import Judge
-from sketchtune._search._objective import quiet_optuna, resume_hint, sigterm_as_interrupt
+from sketchtune._search._kept import KeptTrial, record_kept
+from sketchtune._search._objective import (
+    WORKER,
+    quiet_optuna,
+    resume_hint,
+    sigterm_as_interrupt,
+)
 from sketchtune._search._results import (
     read_results,
     seed_layer_results,
@@ -108,7 +115,12 @@ class SKAutoTuner:
         floor: the resolved :class:`AccuracyFloor`.
         interrupted: ``True`` when the last ``tune()`` was stopped by Ctrl-C.
         confirmation: with timed speed, the interleaved measurement that confirmed the
-            kept plan (``speedup`` = ``best_speedup``, ``lower``, throughputs, ``rounds``).
+            kept plan (``speedup`` = ``best_speedup``, ``lower``, ``upper``, throughputs,
+            ``rounds``), on this machine in this run.
+        kept: a :class:`~sketchtune._search._kept.KeptTrial`: the kept plan, its trial and
+            its confirmed figures, as written to the study's ``"sketchtune:kept"`` user
+            attribute (Optuna's ``study.best_trial`` may name another trial: see the README).
+        verdict: one line: what was kept, or why the model stays dense.
         combination_log: the steps of the combined-plan validation.
 
     Example:
@@ -212,6 +224,9 @@ class SKAutoTuner:
         self._best_speed: float | None = None
         self.confirmation: dict[str, Any] | None = None
         self._events = Events(verbose=self.verbose)
+        #: what the last tune() kept, as recorded in its study (``study.user_attrs["sketchtune:kept"]``)
+        self.kept: KeptTrial | None = None
+        self._layer_trials: dict[str, int] = {}
         #: one line: what the last tune() kept, or why the model stays dense
         self.verdict: str | None = None
 
@@ -272,7 +287,7 @@ class SKAutoTuner:
 
         Returns:
             The seed's per-layer mapping (:attr:`best_params`): for every tuned layer,
-            ``{"params": {...}, "copy_weights", "accuracy", "speed", "score"}`` of the
+            ``{"params": {...}, "copy_weights", "accuracy", "speed", "score", "trial"}`` of the
             kept plan (joint groups: each member gets the shared params); a layer
             the kept plan leaves dense maps to ``{"params": None, ..., "score": -inf}``.
         """
@@ -282,7 +297,8 @@ class SKAutoTuner:
         self.confirmation_log = []
         search = self.search_algorithm
         search.start()
-        best = BestTracker(self.mode)
+        self._judge.run_id = f"{WORKER}:{uuid.uuid4().hex[:8]}"
+        best = BestTracker(self.mode, self._judge)
         deadline = None if search.timeout is None else time.monotonic() + search.timeout
         try:
             with quiet_optuna(), sigterm_as_interrupt():
@@ -390,6 +406,19 @@ class SKAutoTuner:
         self.combination_log = decision.combination_log
         self.confirmation_log = decision.confirmation_log
         self.verdict = decision.verdict
+        self._layer_trials = decision.layer_trials
+        self.kept = record_kept(
+            self._optuna_studies,
+            plan=decision.plan.to_dict(),
+            number=decision.trial,
+            speedup=decision.speedup,
+            confirmation=decision.confirmation,
+            accuracy=decision.accuracy,
+            floor=self.floor.describe(),
+            speed_model=self.speed_model or ("measured" if self._judge.speed_measured else None),
+            device=next((p.device for p in self.model.parameters()), None),
+            verdict=decision.verdict,
+        )
 
     # ------------------------------------------------------------------ results
 
@@ -400,7 +429,10 @@ class SKAutoTuner:
         Every tuned layer is a key; ``best_params[layer]["params"]`` is the kept
         ``{param: value}``, or ``None`` for a layer the kept plan leaves dense. Each entry
         also holds ``copy_weights``, ``accuracy``, ``speed`` and ``score`` of the kept
-        plan. :attr:`best_plan` holds the kept plan itself (``{layer: LayerPlan}``).
+        plan, and ``trial``: Optuna's number of the trial that chose the layer's
+        parameters in its study (``None`` when left dense; the log shows ``trial + 1``).
+        :attr:`best_plan` holds the kept plan itself (``{layer: LayerPlan}``), and
+        :attr:`kept` the trial with its confirmed figures.
         Empty before ``tune()``.
         """
         if self.best_plan is None:
@@ -416,6 +448,7 @@ class SKAutoTuner:
         results = seed_layer_results(list(copy_weights), self.best_plan or SketchPlan(), kept)
         for name, entry in results.items():
             entry["copy_weights"] = copy_weights[name]
+            entry["trial"] = self._layer_trials.get(name)
         return results
 
     @property
@@ -460,7 +493,7 @@ class SKAutoTuner:
     def records(self) -> list[TrialRecord]:
         """Every trial of every study (including resumed ones), as rows of the results table."""
         if self._records is None:
-            self._records = study_records(self._studies, self._optuna_studies)
+            self._records = study_records(self._studies, self._optuna_studies, self.floor)
         return self._records
 
     def get_results_dataframe(self) -> Any:
@@ -491,6 +524,7 @@ class SKAutoTuner:
                 "speedup": self.best_speedup,
                 "speed": self._best_speed,
                 "verdict": self.verdict,
+                "layer_trials": self._layer_trials,
             },
         )
 
@@ -506,3 +540,4 @@ class SKAutoTuner:
         self.best_speedup = loaded.kept.get("speedup")
         self._best_speed = loaded.kept.get("speed")
         self.verdict = loaded.kept.get("verdict")
+        self._layer_trials = dict(loaded.kept.get("layer_trials") or {})

@@ -41,7 +41,7 @@ def run_planned_study(
     search.set_current(study)
     best.consider_study(spec.label, study)
     catch = (TrialFailed, OverBudget)
-    objective = make_objective(spec, layout, judge, search, dense_accuracy)
+    objective = make_objective(spec, layout, judge, search, dense_accuracy, best)
     reporter = make_reporter(spec, best, judge, n_trials=search.n_trials, events=events)
     if isinstance(search.sampler, optuna.samplers.GridSampler):
         search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)

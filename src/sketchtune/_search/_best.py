@@ -1,12 +1,11 @@
-"""Choosing the winner: per-study bests, re-measuring the fastest plans, backing off a
-combination of per-layer winners, and agreeing with other workers on one plan."""
+"""Choosing the kept plan: the best trial so far, the never-slower confirmation of the fastest
+plans on this machine, and backing off a combination of per-layer winners."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import statistics
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,45 +13,79 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from sketchtune._search._confirm import ROUNDS, Confirmation
+from sketchtune._search._confirm import Confirmation
 from sketchtune._search._judge import Judge, TrialFailed
 from sketchtune._search._studies import StudySpec
 from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.evaluate import Mode
 from sketchtune.plan import SketchPlan
-from sketchtune.results import TrialRecord, json_ready, record_from_trial
+from sketchtune.results import TrialRecord, record_from_trial
 
-__all__ = ["BestTracker", "Decision", "choose", "finish", "score_text"]
+__all__ = ["BestTracker", "Decision", "choose", "finish", "score_text", "why_no_candidate"]
 
-_STUDY_BEST = "sketchtune:best"
+#: plans tried, fastest first, before the model is left dense
+_CANDIDATES = 6
+
+
+def timing_of(record: TrialRecord) -> Confirmation | None:
+    """The interleaved rounds behind a record's speedup (``None`` when not timed)."""
+    return Confirmation.from_rounds(record.rounds) if record.rounds else None
 
 
 class BestTracker:
-    """The best feasible trial of each study so far (larger speedup, else better accuracy)."""
+    """The best trial of each study so far, judged against today's floor.
 
-    def __init__(self, mode: Mode) -> None:
+    With measured speed, the best is the fastest trial *confirmed in this run*: what
+    logs and plots show as the best, and the figure a new trial must beat to be timed
+    on. A faster-looking trial measured elsewhere (an earlier run, another worker) is
+    only a candidate, confirmed here before it can be kept. With the FLOP model (or
+    no speed at all) there is nothing to confirm.
+    """
+
+    def __init__(self, mode: Mode, judge: Judge) -> None:
         self._mode = mode
+        self._judge = judge
         self._best: dict[str, TrialRecord] = {}
+        self._leading: dict[str, TrialRecord] = {}
+
+    @property
+    def timed(self) -> bool:
+        return self._judge.evaluator.has_throughput and self._judge.speed_model is None
 
     def consider(self, label: str, record: TrialRecord) -> None:
         """Keep ``record`` as ``label``'s best if it is feasible and beats the best so far."""
-        best = self._best.get(label)
         # A sketch that is not faster than the dense layer is never worth adopting.
-        useful = record.feasible and (record.speedup is None or record.speedup > 1.0)
-        if useful and (best is None or self.rank(record) > self.rank(best)):
+        if not (record.feasible and (record.speedup is None or record.speedup > 1.0)):
+            return
+        leading = self._leading.get(label)
+        if leading is None or self.rank(record) > self.rank(leading):
+            self._leading[label] = record
+        if self.timed and not (record.confirmed and record.run == self._judge.run_id):
+            return
+        best = self._best.get(label)
+        if best is None or self.rank(record) > self.rank(best):
             self._best[label] = record
 
     def consider_study(self, label: str, study: optuna.Study) -> None:
         """Let every finished trial of ``study`` (earlier runs, other workers) compete."""
+        floor = self._judge.floor
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if TrialInfo.of(trial).skipped is None:
-                self.consider(label, record_from_trial(label, trial))
+                self.consider(label, record_from_trial(label, trial, floor))
 
     def best(self, label: str) -> TrialRecord | None:
         return self._best.get(label)
 
-    def all(self) -> dict[str, TrialRecord]:
-        return dict(self._best)
+    def beat(self, label: str) -> float:
+        """The speedup a new trial of ``label`` must beat to be timed on (at least 1)."""
+        best = self._best.get(label)
+        if best is None or best.speedup is None:
+            return 1.0
+        return max(1.0, float(best.speedup))
+
+    def leaders(self) -> dict[str, TrialRecord]:
+        """Each study's fastest feasible trial, confirmed or not (candidates for the end)."""
+        return dict(self._leading)
 
     def rank(self, record: TrialRecord) -> float:
         """Larger is better: the speedup, else the accuracy (negated for ``mode='min'``)."""
@@ -67,6 +100,7 @@ class Decision:
     """The plan the search keeps, with the figures that describe it.
 
     Attributes:
+        trial: Optuna's number of the kept trial (``None``: a combination, or nothing kept).
         confirmation: the confirming measurement of the kept plan (timed speed only),
             from :meth:`Confirmation.to_dict`.
         verdict: one line saying what was kept, or why the model stays dense (the
@@ -81,6 +115,9 @@ class Decision:
     speed: float | None = None
     confirmation: dict[str, Any] | None = None
     verdict: str = ""
+    trial: int | None = None
+    #: each kept layer's trial (its study's Optuna number)
+    layer_trials: dict[str, int] = field(default_factory=dict)
 
 
 def choose(
@@ -95,40 +132,35 @@ def choose(
 ) -> Decision:
     """The global winner, or the validated combination of per-study winners.
 
-    With a timed speed objective, the kept plan is the one whose confirming
-    measurement (:mod:`sketchtune._search._confirm`) shows it faster than the dense
-    model with confidence; when none does, the model stays dense.
+    With a timed speed objective, the kept plan is confirmed faster than the dense
+    model on this machine in this run (:mod:`sketchtune._search._confirm`); when no
+    feasible plan is, the model stays dense.
 
     Args:
-        bests: each study's best feasible record.
+        bests: each study's fastest feasible record (confirmed here or not).
         studies: the Optuna studies searched (one, or one per layer/group).
-        records: every finished trial of every study (candidates for confirmation).
+        records: every finished trial of every study, judged against today's floor.
         judge: evaluates plans (confirmations, combinations).
         interrupted: the search was stopped by Ctrl-C (nothing more is evaluated).
         dense_accuracy: the baseline (to weigh accuracy lost against speed gained).
         say: where progress messages go.
     """
     timed = judge.evaluator.has_throughput and judge.speed_model is None
-    if not bests:
-        verdict = why_no_candidate(records, judge.floor.describe(), judge.mode)
-        say(verdict)
-        return Decision(SketchPlan(), verdict=verdict)
-    if len(studies) == 1 or len(bests) == 1:
-        study = studies[0] if len(studies) == 1 else None
-        agreed = _agreed_best(study) if study is not None else None
-        if agreed is not None:  # another worker already settled it for this study's trials
-            decision = agreed
-        elif interrupted or not timed:
-            decision = _decision_of(next(iter(bests.values())))
+    candidates = _candidates(records)
+    if len(studies) == 1 or len(bests) <= 1:
+        if timed:
+            # interrupted: nothing more is timed, only what this run already confirmed counts
+            decision = _confirm_best(candidates, judge, say, retime=not interrupted)
         else:
-            decision = _confirm_best(records, judge, say)
-        if study is not None and not interrupted and decision.plan:
-            decision = _agree_on_best(study, decision)
+            best = next(iter(bests.values()), None)
+            decision = Decision(SketchPlan()) if best is None else _decision_of(best)
         if decision.plan:
             speed = f"speedup {decision.speedup:.2f}x at " if decision.speedup is not None else ""
             say(f"best: {decision.plan!r} ({speed}accuracy {decision.accuracy:.4f})")
-        if not decision.verdict:
-            decision.verdict = _kept_text(decision)
+            decision.verdict = decision.verdict or _kept_text(decision)
+        elif not decision.verdict:
+            decision.verdict = why_no_candidate(records, judge.floor.describe(), judge.mode)
+            say(decision.verdict)
         return decision
     if interrupted:
         verdict = "interrupted: the combined plan of the per-layer winners was not validated."
@@ -156,7 +188,7 @@ def finish(
     for spec in specs:
         best.consider_study(spec.label, studies[spec.label])
     decision = choose(
-        best.all(),
+        best.leaders(),
         [studies[spec.label] for spec in specs],
         records,
         judge,
@@ -165,7 +197,14 @@ def finish(
         say=say,
     )
     kept = {name: layer for name, layer in decision.plan.items() if name in selected}
-    return dataclasses.replace(decision, plan=SketchPlan(kept))
+    trials = decision.layer_trials or (
+        {} if decision.trial is None else dict.fromkeys(kept, decision.trial)
+    )
+    return dataclasses.replace(
+        decision,
+        plan=SketchPlan(kept),
+        layer_trials={n: t for n, t in trials.items() if n in kept},
+    )
 
 
 def why_no_candidate(records: Sequence[TrialRecord], floor: str, mode: Mode) -> str:
@@ -193,102 +232,131 @@ def why_no_candidate(records: Sequence[TrialRecord], floor: str, mode: Mode) -> 
     )
 
 
+def score_text(record: TrialRecord, *, confirmed: bool = False) -> str:
+    if record.speedup is not None:
+        what = "confirmed " if confirmed else ""
+        return f"{what}{record.speedup:.2f}x at accuracy {record.accuracy:.4f}"
+    return f"accuracy {record.accuracy:.4f}"
+
+
 def _kept_text(decision: Decision) -> str:
-    if not decision.plan:
-        return "the model stays dense."
     speed = ""
     if decision.confirmation is not None:
         c = decision.confirmation
         speed = (
-            f" at {c['speedup']:.2f}x (confirmed: lower bound {c['lower']:.2f}x over "
-            f"{c['rounds']} interleaved rounds)"
+            f" at {c['speedup']:.2f}x (confirmed: 95% interval {c['lower']:.2f}x-"
+            f"{c['upper']:.2f}x over {c['rounds']} interleaved rounds)"
         )
     elif decision.speedup is not None:
         speed = f" at {decision.speedup:.2f}x"
     accuracy = "" if decision.accuracy is None else f", accuracy {decision.accuracy:.4f}"
-    return f"kept a plan sketching {len(decision.plan)} layer(s){speed}{accuracy}."
-
-
-def score_text(record: TrialRecord) -> str:
-    if record.speedup is not None:
-        return f"speedup {record.speedup:.2f}x at accuracy {record.accuracy:.4f}"
-    return f"accuracy {record.accuracy:.4f}"
+    trial = "" if decision.trial is None else f" (trial {decision.trial + 1})"
+    return f"kept a plan sketching {len(decision.plan)} layer(s){trial}{speed}{accuracy}."
 
 
 def _decision_of(record: TrialRecord, confirmation: Confirmation | None = None) -> Decision:
     if confirmation is None:
         return Decision(
-            SketchPlan(record.plan), record.accuracy, record.speedup, speed=record.speed
+            SketchPlan(record.plan),
+            record.accuracy,
+            record.speedup,
+            speed=record.speed,
+            trial=record.trial,
         )
     return Decision(
         SketchPlan(record.plan),
         record.accuracy,
         confirmation.speedup,
-        speed=statistics.median(confirmation.plan_rates),
+        speed=float(confirmation.to_dict()["tuned_throughput"]),
         confirmation=confirmation.to_dict(),
+        trial=record.trial,
     )
 
 
+def _candidates(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Distinct feasible plans measured faster than dense, fastest recorded speedup first.
+
+    Of several trials of one plan, the one timed over the most rounds stands for it.
+    """
+    pool: dict[str, TrialRecord] = {}
+    for record in records:
+        if not (record.feasible and record.plan and (record.speedup or 0.0) > 1.0):
+            continue
+        key = json.dumps(record.plan, sort_keys=True)
+        held = pool.get(key)
+        if held is None or len(record.rounds) > len(held.rounds):
+            pool[key] = record
+    return sorted(pool.values(), key=lambda r: -(r.speedup or 0.0))
+
+
 def _confirm_best(
-    records: Sequence[TrialRecord],
+    candidates: Sequence[TrialRecord],
     judge: Judge,
     say: Callable[[str], None],
     *,
-    batch: int = 3,
-    limit: int = 6,
+    retime: bool = True,
 ) -> Decision:
-    """Confirm the fastest feasible plans, ``batch`` at a time, and keep the fastest confirmed.
+    """The fastest candidate confirmed faster than the dense model on this machine, this run.
 
-    Candidates are the distinct feasible plans, fastest recorded speedup
-    first. When none of a batch is confirmed the next batch is tried, up to
-    ``limit`` plans; when none is confirmed at all, the model stays dense.
+    Candidates go fastest first. One timed and confirmed in this run is taken as
+    measured (no new timing); any other is timed on, sequentially, until it is
+    confirmed, falls to the winner so far or below, or runs out of rounds. A candidate
+    recorded no faster than the confirmed winner can no longer win and is not timed.
     """
-    pool: dict[str, TrialRecord] = {}
-    for record in sorted(records, key=lambda r: -(r.speedup or 0.0)):
-        key = json.dumps(record.plan, sort_keys=True)
-        if record.feasible and record.plan and (record.speedup or 0.0) > 1.0 and key not in pool:
-            pool[key] = record
-    candidates = list(pool.values())[:limit]
+    winner: tuple[TrialRecord, Confirmation] | None = None
     log: list[dict[str, Any]] = []
-    for start in range(0, len(candidates), batch):
-        confirmed: list[tuple[TrialRecord, Confirmation]] = []
-        for record in candidates[start : start + batch]:
+    for record in candidates[:_CANDIDATES]:
+        if winner is not None and (record.speedup or 0.0) <= winner[1].speedup:
+            break
+        prior = timing_of(record) if record.run == judge.run_id else None
+        entry: dict[str, Any] = {
+            "trial": record.trial,
+            "layers": sorted(record.plan),
+            "measured": record.speedup,
+        }
+        if prior is not None and prior.confirmed:
+            confirmation = prior
+            entry["retimed"] = False
+        elif not retime:
+            continue
+        else:
+            beat = 1.0 if winner is None else winner[1].speedup
             try:
-                confirmation = Confirmation.of(*judge.timed_rates(SketchPlan(record.plan), ROUNDS))
+                confirmation = judge.confirm(SketchPlan(record.plan), prior=prior, beat=beat)
             except TrialFailed as exc:
-                log.append(
-                    {"trial": record.trial, "layers": sorted(record.plan), "failed": str(exc)}
-                )
+                log.append({**entry, "failed": str(exc)})
                 continue
-            log.append(
-                {
-                    "trial": record.trial,
-                    "layers": sorted(record.plan),
-                    "measured": record.speedup,
-                    **confirmation.to_dict(),
-                }
-            )
+            entry["retimed"] = True
             say(
-                f"confirming trial {record.trial} (measured {record.speedup:.2f}x): "
-                f"{confirmation.describe()} -> "
+                f"confirming trial {record.trial + 1} (measured {record.speedup:.2f}x"
+                f"{'' if prior is not None else ' in another run'}): {confirmation.describe()} -> "
                 + ("confirmed" if confirmation.confirmed else "not confirmed")
             )
-            if confirmation.confirmed:
-                confirmed.append((record, confirmation))
-        if confirmed:
-            record, confirmation = max(confirmed, key=lambda rc: rc[1].speedup)
-            decision = _decision_of(record, confirmation)
-            decision.confirmation_log = log
-            return decision
+        log.append({**entry, **confirmation.to_dict()})
+        if confirmation.confirmed and (winner is None or confirmation.speedup > winner[1].speedup):
+            winner = (record, confirmation)
+    if winner is not None:
+        decision = _decision_of(*winner)
+        decision.confirmation_log = log
+        return decision
+    if not candidates:
+        return Decision(SketchPlan(), confirmation_log=log)
+    if not log:  # interrupted before anything was confirmed
+        verdict = (
+            "interrupted before a feasible plan was confirmed faster in this run; the model "
+            "stays dense."
+        )
+        say(verdict)
+        return Decision(SketchPlan(), verdict=verdict)
     measured = "; ".join(
         f"trial {step['trial'] + 1}: measured {step['measured']:.2f}x, confirmed "
-        f"{step['speedup']:.2f}x (lower bound {step['lower']:.2f}x)"
+        f"{step['speedup']:.2f}x (95% interval {step['lower']:.2f}x-{step['upper']:.2f}x)"
         if "failed" not in step
         else f"trial {step['trial'] + 1}: could not be timed ({step['failed']})"
         for step in log[:3]
     )
     verdict = (
-        f"{len(candidates)} plan(s) kept the floor and measured faster, but none was confirmed "
+        f"{len(log)} plan(s) kept the floor and measured faster, but none was confirmed "
         f"faster than the dense model in a repeated interleaved measurement ({measured}); "
         "the model stays dense."
     )
@@ -306,8 +374,8 @@ def _validated_combination(
 ) -> Decision:
     """Evaluate the union of per-study winners; drop the least efficient until it passes.
 
-    Passing means keeping the floor and, with a timed speed objective, a
-    confirmed speedup over the dense model.
+    Passing means keeping the floor and, with a timed speed objective, a speedup over
+    the dense model confirmed on this machine.
     """
     members = dict(bests)
     baseline = dense_accuracy if dense_accuracy is not None else 0.0
@@ -334,7 +402,7 @@ def _validated_combination(
             )
             if outcome.feasible and timed:
                 try:
-                    confirmation = Confirmation.of(*judge.timed_rates(plan, ROUNDS))
+                    confirmation = judge.confirm(plan, prior=None, beat=1.0)
                 except TrialFailed as exc:
                     reason = str(exc)
                 else:
@@ -357,8 +425,11 @@ def _validated_combination(
                 outcome.accuracy,
                 speedup,
                 log,
+                layer_trials={
+                    name: record.trial for record in members.values() for name in record.plan
+                },
                 speed=(
-                    statistics.median(confirmation.plan_rates)
+                    float(confirmation.to_dict()["tuned_throughput"])
                     if confirmation is not None
                     else outcome.speed
                 ),
@@ -371,7 +442,6 @@ def _validated_combination(
             )
             why = f"breaks the floor ({what}, {judge.floor.describe()})"
         else:
-            assert confirmation is not None or reason
             why = (
                 f"is not confirmed faster than the dense model ({confirmation.describe()})"
                 if confirmation is not None
@@ -406,49 +476,3 @@ def _union(records: Iterable[TrialRecord]) -> SketchPlan:
     for record in records:
         layers.update(record.plan)
     return SketchPlan(layers)
-
-
-def _finished(study: optuna.Study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
-
-
-def _agreed_best(study: optuna.Study) -> Decision | None:
-    """The decision a worker stored for the study's current set of finished trials, if any."""
-    stored = study.user_attrs.get(_STUDY_BEST)
-    if not isinstance(stored, dict) or stored.get("finished") != _finished(study):
-        return None
-    try:
-        data = stored["decision"]
-        return Decision(
-            SketchPlan.from_dict(data["plan"]),
-            data["accuracy"],
-            data["speedup"],
-            speed=data.get("speed"),
-            confirmation=data.get("confirmation"),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _agree_on_best(study: optuna.Study, decision: Decision) -> Decision:
-    """Store ``decision`` as the study's unless a worker stored one first; return the stored one.
-
-    Workers sharing a study finish together (they wait for each other's last
-    trials), and confirming the fastest plans is noisy; this makes every
-    worker report the same plan.
-    """
-    agreed = _agreed_best(study)
-    if agreed is not None:
-        return agreed
-    data = {
-        "plan": decision.plan.to_dict(),
-        "accuracy": decision.accuracy,
-        "speedup": decision.speedup,
-        "speed": decision.speed,
-        "confirmation": decision.confirmation,
-    }
-    study.set_user_attr(_STUDY_BEST, {"finished": _finished(study), "decision": json_ready(data)})
-    stored = _agreed_best(study)
-    if stored is None:
-        return decision
-    return dataclasses.replace(stored, confirmation_log=decision.confirmation_log)

@@ -1,10 +1,21 @@
-"""Confirming a measured speedup before a plan is applied: never slower than the dense model.
+"""Timing a plan against the dense model in interleaved rounds, and confirming its speedup.
 
-A trial's speedup comes from one short interleaved measurement, and the best
-of many noisy measurements is biased upwards (the winner's curse). Before a
-plan is kept it is timed again against the dense model over several rounds;
-it is confirmed only when the lower end of a bootstrap interval of its median
-per-round speedup is above 1. The reported speedup is this confirmed median.
+A *round* times one slice of the dense model and one of the plan back to back (the
+order alternates from round to round, so a machine that speeds up or slows down hits
+both alike); its ratio is one sample of the speedup. A :class:`Confirmation` is the
+median of its rounds' ratios, with a bootstrap interval of that median. The same
+rounds serve a trial and the confirmation of its plan:
+
+- A trial is timed :data:`TRIAL_ROUNDS` rounds, so one stall makes one round an
+  outlier, never the figure.
+- A trial whose speedup would beat the best confirmed one is timed on, two rounds at
+  a time (:func:`wants_more`), until it is confirmed (at least :data:`MIN_ROUNDS`
+  rounds and the interval's lower end above 1), falls to the best or below, or
+  :data:`MAX_ROUNDS` rounds are done. What is shown as the best is therefore always
+  a confirmed figure, and it is the figure told to Optuna.
+- A plan is kept only once confirmed on this machine in this run: a trial confirmed
+  during the search is kept as measured; one measured elsewhere (an earlier run,
+  another worker) is timed again here, by the same rule.
 """
 
 from __future__ import annotations
@@ -15,21 +26,25 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ROUNDS", "Confirmation"]
+__all__ = ["MAX_ROUNDS", "MIN_ROUNDS", "TRIAL_ROUNDS", "Confirmation", "wants_more"]
 
-#: rounds of the confirming measurement (each times the dense model and the plan once)
-ROUNDS = 7
-_RESAMPLES = 2000
-_LEVEL = 0.05  # one-sided: the 5th percentile of the bootstrap distribution
+#: rounds every timed trial gets
+TRIAL_ROUNDS = 3
+#: rounds before a speedup may be called confirmed
+MIN_ROUNDS = 5
+#: rounds after which a measurement is final, confirmed or not
+MAX_ROUNDS = 9
+_RESAMPLES = 1000
+_LEVEL = 0.05  # one-sided: the 5th (and 95th) percentile of the bootstrap distribution
 
 
 @dataclass(frozen=True)
 class Confirmation:
-    """The confirming measurement of one plan.
+    """Interleaved timing rounds of one plan against the dense model.
 
     Attributes:
         dense_rates: the dense model's throughput in each round.
-        plan_rates: the plan's throughput in each round (measured right after the dense one).
+        plan_rates: the plan's throughput in each round (timed beside the dense one).
     """
 
     dense_rates: tuple[float, ...]
@@ -38,6 +53,28 @@ class Confirmation:
     @classmethod
     def of(cls, dense: list[float], plan: list[float]) -> Confirmation:
         return cls(tuple(dense), tuple(plan))
+
+    @classmethod
+    def from_rounds(cls, rounds: Any) -> Confirmation | None:
+        """From stored ``[[dense, plan], ...]`` (``None`` when there is nothing usable)."""
+        try:
+            pairs = [(float(d), float(p)) for d, p in rounds]
+        except (TypeError, ValueError):
+            return None
+        if not pairs:
+            return None
+        return cls(tuple(d for d, _ in pairs), tuple(p for _, p in pairs))
+
+    def rounds_list(self) -> list[list[float]]:
+        """``[[dense, plan], ...]``: the stored form."""
+        return [[d, p] for d, p in zip(self.dense_rates, self.plan_rates, strict=True)]
+
+    def extended(self, dense: list[float], plan: list[float]) -> Confirmation:
+        return Confirmation(self.dense_rates + tuple(dense), self.plan_rates + tuple(plan))
+
+    @property
+    def rounds(self) -> int:
+        return len(self.dense_rates)
 
     @property
     def ratios(self) -> list[float]:
@@ -51,38 +88,68 @@ class Confirmation:
     def speedup(self) -> float:
         """The median per-round speedup: the figure that is reported."""
         ratios = self.ratios
-        return math.nan if any(math.isnan(r) for r in ratios) else statistics.median(ratios)
+        if not ratios or any(math.isnan(r) for r in ratios):
+            return math.nan
+        return statistics.median(ratios)
 
     @property
-    def lower(self) -> float:
-        """The lower end of a one-sided 95% bootstrap interval of the median speedup."""
+    def interval(self) -> tuple[float, float]:
+        """A one-sided 95% bootstrap bound on each side of the median speedup."""
         ratios = self.ratios
         if not ratios or any(not math.isfinite(r) for r in ratios):
-            return math.nan
+            return math.nan, math.nan
         rng = random.Random(0)  # the same measurement always gives the same verdict
         medians = sorted(
             statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(_RESAMPLES)
         )
-        return medians[int(_LEVEL * _RESAMPLES)]
+        return medians[int(_LEVEL * _RESAMPLES)], medians[int((1 - _LEVEL) * _RESAMPLES) - 1]
+
+    @property
+    def lower(self) -> float:
+        """The lower end of a one-sided 95% bootstrap interval of the median speedup."""
+        return self.interval[0]
+
+    @property
+    def upper(self) -> float:
+        return self.interval[1]
 
     @property
     def confirmed(self) -> bool:
-        """Whether the plan is faster than the dense model with confidence."""
-        return self.lower > 1.0
+        """Faster than the dense model with confidence, over enough rounds."""
+        return self.rounds >= MIN_ROUNDS and self.lower > 1.0
 
     def describe(self) -> str:
+        low, high = self.interval
         return (
-            f"{self.speedup:.2f}x (lower bound {self.lower:.2f}x over {len(self.ratios)} "
+            f"{self.speedup:.2f}x (95% interval {low:.2f}x-{high:.2f}x over {self.rounds} "
             "interleaved rounds)"
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values for logs, results files and the callback's summary."""
+        """Plain values for logs, results files, the study and the callback's summary."""
+        low, high = self.interval
         return {
             "speedup": self.speedup,
-            "lower": self.lower,
+            "lower": low,
+            "upper": high,
             "confirmed": self.confirmed,
             "dense_throughput": statistics.median(self.dense_rates),
             "tuned_throughput": statistics.median(self.plan_rates),
-            "rounds": len(self.ratios),
+            "rounds": self.rounds,
         }
+
+
+def wants_more(timing: Confirmation | None, beat: float) -> bool:
+    """Whether to time more rounds of a plan whose speedup is to be compared with ``beat``.
+
+    ``beat`` is the best confirmed speedup so far (at least 1: the dense model). A plan
+    gets :data:`TRIAL_ROUNDS` rounds; then more only while it still looks faster than
+    ``beat`` and is not yet confirmed, up to :data:`MAX_ROUNDS`.
+    """
+    rounds = 0 if timing is None else timing.rounds
+    if rounds < TRIAL_ROUNDS:
+        return True
+    assert timing is not None
+    if rounds >= MAX_ROUNDS or not timing.speedup > max(beat, 1.0):
+        return False
+    return not timing.confirmed

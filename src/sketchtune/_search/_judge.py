@@ -15,6 +15,7 @@ import optuna
 from torch import nn
 
 from sketchtune._search._builder import PlanBuilder
+from sketchtune._search._confirm import TRIAL_ROUNDS, Confirmation, wants_more
 from sketchtune._validation import warn
 from sketchtune.evaluate import (
     REMOTE_TRIAL,
@@ -27,7 +28,7 @@ from sketchtune.evaluate import (
     RemoteTrial,
 )
 from sketchtune.flops import ShapeRecorder, plan_flops_speedup
-from sketchtune.measure import interleaved_rates
+from sketchtune.measure import Toggle
 from sketchtune.plan import SketchPlan, Swap
 from sketchtune.registry import SketchKind
 
@@ -50,6 +51,7 @@ class Outcome:
     speed_measured: bool
     flops_speedup: float
     early_stop: bool = False
+    timing: Confirmation | None = None
 
     def value(self, mode: Mode) -> float:
         """What Optuna is told (maximized): the speedup, or the accuracy when speed is not measured.
@@ -75,7 +77,8 @@ class Judge:
         builder: builds the plans' sketched modules.
         kinds: each selected layer's kind.
         speed_model: ``"flops"`` for the FLOP speed model, ``None`` for the evaluator's timing.
-        runs: evaluations per measurement (the median is kept).
+        runs: accuracy evaluations per trial (the median is kept); also the least
+            number of timing rounds.
         mode: ``"max"`` when higher accuracy is better.
     """
 
@@ -99,6 +102,9 @@ class Judge:
         self.mode: Mode = mode
         self._floor = AccuracyFloor(None, mode)
         self._shapes = ShapeRecorder(model, sorted(builder.dense))
+        self._dense_warm = False
+        #: the run (this process and ``tune()`` call) whose timings can be trusted here
+        self.run_id = ""
 
     # -- the floor ---------------------------------------------------------------------
 
@@ -160,56 +166,115 @@ class Judge:
         """FLOP-model speedup of the selected layers with ``plan`` applied (needs recorded shapes)."""
         return plan_flops_speedup(self.builder.dense, self._shapes, plan)
 
-    def timed_rates(self, plan: SketchPlan, rounds: int) -> tuple[list[float], list[float]]:
-        """Throughput of the dense model and of ``plan``, interleaved, ``rounds`` each.
+    def confirm(self, plan: SketchPlan, *, prior: Confirmation | None, beat: float) -> Confirmation:
+        """Time ``plan`` on from ``prior`` (its rounds in this run, if any) until settled.
 
-        Announced to DDP followers first (they time the same plan in lockstep).
+        Settled (:func:`~sketchtune._search._confirm.wants_more`): confirmed, no faster
+        than ``beat``, or out of rounds. Announced to DDP followers first (they time the
+        same rounds in lockstep and, seeing the same reduced rates, stop with it).
         """
+        rounds = None if prior is None else prior.rounds_list()
         self.evaluator.announce(
-            Command(plan.to_dict()["layers"], False, True, self._floor.value, rounds=rounds)
-        )
-        return self._timed_rates(plan, rounds)
-
-    def _timed_rates(self, plan: SketchPlan, rounds: int) -> tuple[list[float], list[float]]:
-        swap = Swap(self.model, self.builder.build(plan))
-        try:
-            return interleaved_rates(
-                lambda: self.evaluator.throughput(self.model), swap, rounds=rounds
+            Command(
+                plan.to_dict()["layers"],
+                False,
+                True,
+                self._floor.value,
+                confirm=True,
+                beat=beat,
+                prior=rounds,
             )
-        except NonFiniteMetric as exc:
-            raise TrialFailed(str(exc)) from None
+        )
+        return self._confirm(plan, prior, beat)
 
-    def _speed(self, swap: Swap, plan: SketchPlan) -> tuple[float | None, float | None]:
-        """``(speed, speedup)`` of the swapped-in plan; the dense model is re-timed interleaved."""
+    def _confirm(self, plan: SketchPlan, prior: Confirmation | None, beat: float) -> Confirmation:
+        with Swap(self.model, self.builder.build(plan)) as swap:
+            try:
+                return self._time(swap, prior=prior, beat=beat)
+            except NonFiniteMetric as exc:
+                raise TrialFailed(str(exc)) from None
+
+    def _time(self, swap: Toggle, *, prior: Confirmation | None, beat: float) -> Confirmation:
+        """Interleaved rounds of the swapped-in plan and the dense model, while wanted."""
+        evaluator = self.evaluator
+        if not self._dense_warm:
+            swap.restore()
+            evaluator.warm(self.model)  # the dense model first: it sizes the timing slices
+            self._dense_warm = True
+        swap.apply()
+        evaluator.warm(self.model)
+        timing = prior
+        least = max(TRIAL_ROUNDS, self.runs)
+        while (timing is None or timing.rounds < least) or wants_more(timing, beat):
+            done = 0 if timing is None else timing.rounds
+            step = least - done if done < least else 2
+            dense: list[float] = []
+            sketched: list[float] = []
+            for index in range(done, done + step):
+                evaluator.start_round(index)
+                # alternate which model goes first: a drifting machine hits both alike
+                for dense_turn in (True, False) if index % 2 == 0 else (False, True):
+                    if dense_turn:
+                        swap.restore()
+                        dense.append(evaluator.throughput(self.model))
+                    else:
+                        swap.apply()
+                        sketched.append(evaluator.throughput(self.model))
+            swap.apply()
+            if min(dense) <= 0:  # every trial would fail the same way: stop the search
+                raise ValueError(
+                    f"the speed function returned {min(dense)} for the dense model; speeds must "
+                    "be > 0 (higher is faster, e.g. samples per second)."
+                )
+            more = Confirmation.of(dense, sketched)
+            timing = more if timing is None else timing.extended(dense, sketched)
+        return timing
+
+    def _speed(
+        self, swap: Swap, plan: SketchPlan, beat: float
+    ) -> tuple[float | None, float | None, Confirmation | None]:
+        """``(speed, speedup, timing)`` of the swapped-in plan, timed interleaved in rounds."""
         if self.speed_model == "flops":
             speedup = self.flops_speedup(plan)
-            return speedup, speedup
+            return speedup, speedup, None
         if not self.evaluator.has_throughput:
-            return None, None
-        dense_runs, sketch_runs = interleaved_rates(
-            lambda: self.evaluator.throughput(self.model), swap, rounds=self.runs
-        )
-        dense, speed = statistics.median(dense_runs), statistics.median(sketch_runs)
-        if dense <= 0:  # every trial would fail the same way: stop the search, not the trial
-            raise ValueError(
-                f"the speed function returned {dense} for the dense model; speeds must be > 0 "
-                "(higher is faster, e.g. samples per second)."
-            )
-        return speed, speed / dense
+            return None, None, None
+        timing = self._time(swap, prior=None, beat=beat)
+        return statistics.median(timing.plan_rates), timing.speedup, timing
 
     # -- evaluating --------------------------------------------------------------------
 
     def evaluate(
-        self, plan: SketchPlan, trial: optuna.Trial | None, *, measure_speed: bool = True
+        self,
+        plan: SketchPlan,
+        trial: optuna.Trial | None,
+        *,
+        measure_speed: bool = True,
+        beat: float = 1.0,
     ) -> Outcome:
-        """Swap ``plan`` in, measure it, swap it out. Announced to DDP followers first."""
+        """Swap ``plan`` in, measure it, swap it out. Announced to DDP followers first.
+
+        ``beat``: the best confirmed speedup so far; a plan that looks faster is timed
+        on until its figure is confirmed (see :mod:`sketchtune._search._confirm`).
+        """
         self.evaluator.announce(
-            Command(plan.to_dict()["layers"], trial is not None, measure_speed, self._floor.value)
+            Command(
+                plan.to_dict()["layers"],
+                trial is not None,
+                measure_speed,
+                self._floor.value,
+                beat=beat,
+            )
         )
-        return self.run(plan, trial, measure_speed=measure_speed)
+        return self.run(plan, trial, measure_speed=measure_speed, beat=beat)
 
     def run(
-        self, plan: SketchPlan, trial: optuna.Trial | RemoteTrial | None, *, measure_speed: bool
+        self,
+        plan: SketchPlan,
+        trial: optuna.Trial | RemoteTrial | None,
+        *,
+        measure_speed: bool,
+        beat: float = 1.0,
     ) -> Outcome:
         """Evaluate ``plan`` without announcing it (followers run what was announced)."""
         modules = self.builder.build(plan)
@@ -228,10 +293,10 @@ class Judge:
                 accuracy, early_stop = exc.bound, True
             violation = self._floor.violation(accuracy)
             feasible = violation <= 0.0 and not early_stop
-            speed = speedup = None
+            speed = speedup = timing = None
             if feasible and measure_speed:
                 try:
-                    speed, speedup = self._speed(swap, plan)
+                    speed, speedup, timing = self._speed(swap, plan, beat)
                 except NonFiniteMetric as exc:
                     raise TrialFailed(str(exc)) from None
         return Outcome(
@@ -243,6 +308,7 @@ class Judge:
             self.speed_measured,
             self.flops_speedup(plan),
             early_stop,
+            timing,
         )
 
     def follow(self) -> None:
@@ -254,10 +320,16 @@ class Judge:
             self._floor = AccuracyFloor(command.floor, self.mode)
             trial = REMOTE_TRIAL if command.has_trial else None
             try:
-                if command.rounds:
-                    self._timed_rates(SketchPlan(command.plan), command.rounds)
+                if command.confirm:
+                    prior = Confirmation.from_rounds(command.prior or [])
+                    self._confirm(SketchPlan(command.plan), prior, command.beat)
                     continue
-                self.run(SketchPlan(command.plan), trial, measure_speed=command.measure_speed)
+                self.run(
+                    SketchPlan(command.plan),
+                    trial,
+                    measure_speed=command.measure_speed,
+                    beat=command.beat,
+                )
             except (TrialFailed, optuna.TrialPruned):
                 continue  # the coordinator records the outcome; followers just keep in step
 

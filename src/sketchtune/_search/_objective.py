@@ -85,7 +85,7 @@ def run_study(
     best.consider_study(spec.label, study)
     search.run(
         study,
-        make_objective(spec, layout, judge, search, dense_accuracy),
+        make_objective(spec, layout, judge, search, dense_accuracy, best),
         deadline=deadline,
         catch=(TrialFailed, OverBudget),
         after_trial=make_reporter(spec, best, judge, n_trials=search.n_trials, events=events),
@@ -98,8 +98,14 @@ def make_objective(
     judge: Judge,
     search: OptunaSearch,
     dense_accuracy: float | None,
+    best: BestTracker,
 ) -> Callable[[optuna.Trial], float]:
-    """The objective of ``spec``'s study: suggest a plan, judge it, record it, return its value."""
+    """The objective of ``spec``'s study: suggest a plan, judge it, record it, return its value.
+
+    A plan that looks faster than the study's best confirmed speedup is timed on until
+    its own figure is confirmed (or falls back), so the value told to Optuna for a
+    new best is a confirmed one.
+    """
 
     def objective(trial: optuna.Trial) -> float:
         if search.over_budget(trial):
@@ -107,6 +113,8 @@ def make_objective(
             raise OverBudget
         plan = layout.suggest(spec, trial)
         twin = finished_twin(trial, search.snapshot) or _await_running_twin(trial, search)
+        if twin is not None and not _judged_alike(twin, judge):
+            twin = None  # judged against another floor: measure it again against today's
         if twin is not None:
             dataclasses.replace(TrialInfo.of(twin), duplicate_of=twin.number, worker=WORKER).write(
                 trial
@@ -121,7 +129,7 @@ def make_objective(
                 # every layer left dense: that is the baseline, already measured
                 outcome = judge.dense_outcome(dense_accuracy)
             else:
-                outcome = judge.evaluate(plan, trial)
+                outcome = judge.evaluate(plan, trial, beat=best.beat(spec.label))
         except TrialFailed as exc:
             dataclasses.replace(info, reason=str(exc)).write(trial)
             raise
@@ -134,12 +142,30 @@ def make_objective(
             flops_speedup=outcome.flops_speedup,
             early_stop=outcome.early_stop,
             constraint=None if hasattr(trial, "set_constraint") else outcome.violation,
+            run=judge.run_id if outcome.speed_measured else None,
         )
+        if outcome.timing is not None:
+            low, high = outcome.timing.interval
+            info = dataclasses.replace(
+                info,
+                rounds=outcome.timing.rounds_list(),
+                confirmed=outcome.timing.confirmed,
+                lower=low,
+                upper=high,
+            )
         info.write(trial)
         set_constraint(trial, outcome.violation)
         return outcome.value(judge.mode)
 
     return objective
+
+
+def _judged_alike(twin: FrozenTrial, judge: Judge) -> bool:
+    """Whether ``twin``'s stored verdict still holds against today's floor."""
+    info = TrialInfo.of(twin)
+    if info.accuracy is None or info.early_stop:
+        return True
+    return judge.floor.feasible(info.accuracy) == bool(info.feasible)
 
 
 def _await_running_twin(trial: optuna.Trial, search: OptunaSearch) -> FrozenTrial | None:
@@ -186,7 +212,7 @@ def make_reporter(
         info = TrialInfo.of(trial)
         if info.skipped is not None:
             return
-        record = record_from_trial(spec.label, trial)
+        record = record_from_trial(spec.label, trial, judge.floor)
         best.consider(spec.label, record)
         events.trial(record)
         events.say(_trial_line(spec, record, info, best, judge, n_trials))
@@ -211,13 +237,29 @@ def _trial_line(
             outcome = f"{accuracy} -> infeasible"
         elif record.speedup is not None:
             outcome = f"{accuracy}, speedup {record.speedup:.2f}x"
+            if record.rounds:
+                confirmed = ", confirmed" if record.confirmed else ""
+                outcome += f" ({len(record.rounds)} rounds{confirmed})"
+            elif judge.speed_model == "flops":
+                outcome += " (FLOP model)"
         else:
             outcome = accuracy
         if info.duplicate_of is not None:
-            outcome += f" (same as trial {info.duplicate_of})"
-    leader = best.best(spec.label)
-    best_text = f" | best {score_text(leader)}" if leader else ""
-    return f"[{spec.label}] trial {record.trial + 1}/{n_trials or '-'}: {params} -> {outcome}{best_text}"
+            outcome += f" (same as trial {info.duplicate_of + 1})"
+    line = f"[{spec.label}] trial {record.trial + 1}/{n_trials or '-'}: {params} -> {outcome}"
+    return line + best_text(spec.label, best, judge)
+
+
+def best_text(label: str, best: BestTracker, judge: Judge) -> str:
+    """`` | best ...``: the best confirmed figure, or the best so far marked unconfirmed."""
+    leader = best.best(label)
+    if leader is not None:
+        confirmed = best.timed
+        return f" | best {score_text(leader, confirmed=confirmed)} (trial {leader.trial + 1})"
+    candidate = best.leaders().get(label)
+    if candidate is None or candidate.speedup is None:
+        return ""
+    return f" | best so far {candidate.speedup:.2f}x (unconfirmed, trial {candidate.trial + 1})"
 
 
 @contextmanager

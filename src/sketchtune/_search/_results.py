@@ -106,11 +106,16 @@ def write_results(
 
 
 def study_records(
-    specs: Sequence[StudySpec], studies: Mapping[str, optuna.Study]
+    specs: Sequence[StudySpec],
+    studies: Mapping[str, optuna.Study],
+    floor: AccuracyFloor | None = None,
 ) -> list[TrialRecord]:
-    """Every finished (or failed) trial of the studies, as rows of the results table."""
+    """Every finished (or failed) trial of the studies, as rows of the results table.
+
+    With ``floor``, each trial's feasibility is judged against it (today's floor).
+    """
     return [
-        record_from_trial(spec.label, trial)
+        record_from_trial(spec.label, trial, floor)
         for spec in specs
         if spec.label in studies
         for trial in studies[spec.label].get_trials(deepcopy=False)

@@ -45,6 +45,11 @@ class TrialInfo:
         reason: why the trial failed (non-finite metric, ...).
         skipped: why the trial was not run (the budget was used up by other workers).
         duplicate_of: the finished trial with the same parameters that answered this one.
+        rounds: the interleaved timing rounds, ``[[dense, plan], ...]`` throughputs.
+        confirmed: the rounds confirm the plan faster than the dense model.
+        lower: lower end of the speedup's 95% interval (one-sided bootstrap).
+        upper: upper end of that interval.
+        run: the run (process and ``tune()`` call) that timed the trial.
     """
 
     plan: dict[str, Any] | None = None
@@ -59,6 +64,11 @@ class TrialInfo:
     reason: str | None = None
     skipped: str | None = None
     duplicate_of: int | None = None
+    rounds: list[list[float]] | None = None
+    confirmed: bool | None = None
+    lower: float | None = None
+    upper: float | None = None
+    run: str | None = None
 
     @classmethod
     def of(cls, trial: FrozenTrial | optuna.Trial) -> TrialInfo:

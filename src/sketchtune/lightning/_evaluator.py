@@ -36,8 +36,18 @@ if TYPE_CHECKING:
     from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
 
 
+#: the least a timing slice lasts, in seconds: whole batches are timed, at least one
+SLICE_SECONDS = 0.05
+
+
 class LightningEvaluator(Evaluator):
-    """Accuracy from the Trainer's validation loop, speed from timed ``predict_step`` calls."""
+    """Accuracy from the Trainer's validation loop, speed from timed ``predict_step`` calls.
+
+    Speed is timed in slices: ``speed_batches`` batches are read once, and each
+    :meth:`throughput` call times the next ``slice_batches`` of them (cycling), a
+    number chosen once, from the dense model, so a slice lasts at least
+    :data:`SLICE_SECONDS`. Both models of a timing round see the same slice.
+    """
 
     def __init__(
         self,
@@ -62,7 +72,9 @@ class LightningEvaluator(Evaluator):
         self.finetune_steps = finetune_steps
         self.early_stop = EarlyStop(monitor, metric_range)
         self._batches: list[Any] | None = None
-        self._samples = 0
+        #: batches per timing slice (set when the dense model is first warmed)
+        self.slice_batches: int | None = None
+        self._round = 0
         self._train_iter: Iterator[Any] | None = None
         self._epoch_length = 1
 
@@ -125,8 +137,30 @@ class LightningEvaluator(Evaluator):
 
     # -- speed -------------------------------------------------------------------------
 
+    def warm(self, model: nn.Module) -> None:
+        batches = self._speed_batches()
+        if self.slice_batches is None:
+            # The dense model, first: warm it up, then time one batch to size the slices.
+            self._run(batches[: self.warmup_batches])
+            seconds = self._run(batches[-1:])
+            wanted = math.ceil(SLICE_SECONDS / max(self._mean(seconds), 1e-9))
+            self.slice_batches = int(min(len(batches), max(1, wanted)))
+            return
+        self._run(batches[: min(self.warmup_batches, self.slice_batches)])
+
+    def start_round(self, index: int) -> None:
+        self._round = index
+
     def throughput(self, model: nn.Module) -> float:
         batches = self._speed_batches()
+        size = self.slice_batches or len(batches)
+        start = (self._round * size) % len(batches)
+        chosen = [batches[(start + i) % len(batches)] for i in range(size)]
+        elapsed = self._run(chosen)
+        return self._mean(sum(batch_size(b) for b in chosen) / max(elapsed, 1e-9))
+
+    def _run(self, batches: list[Any]) -> float:
+        """Seconds ``predict_step`` takes over ``batches`` (in eval and inference mode)."""
         module = self.pl_module
         device = module.device
         with (
@@ -134,15 +168,12 @@ class LightningEvaluator(Evaluator):
             torch.inference_mode(),
             self.trainer.precision_plugin.predict_step_context(),
         ):
-            for i, batch in enumerate(batches[: self.warmup_batches]):
-                self._predict(batch, i)
             synchronize(device)
             start = time.perf_counter()
-            for i, batch in enumerate(batches[self.warmup_batches :]):
+            for i, batch in enumerate(batches):
                 self._predict(batch, i)
             synchronize(device)
-            elapsed = time.perf_counter() - start
-        return self._mean(self._samples / max(elapsed, 1e-9))
+            return time.perf_counter() - start
 
     def _predict(self, batch: Any, index: int) -> Any:
         module = self.pl_module
@@ -158,17 +189,15 @@ class LightningEvaluator(Evaluator):
         )
 
     def _speed_batches(self) -> list[Any]:
-        """``warmup_batches + speed_batches`` batches, read once, already on the device."""
+        """``speed_batches`` batches, read once, already on the device."""
         if self._batches is None:
             loader = self._speed_loader()
-            wanted = self.warmup_batches + self.speed_batches
-            batches = list(itertools.islice(itertools.cycle(iterate(loader)), wanted))
+            batches = list(itertools.islice(itertools.cycle(iterate(loader)), self.speed_batches))
             if not batches:
                 raise ValueError(
                     "speed measurement found no batches in the predict/validation dataloader."
                 )
             self._batches = [self.trainer.strategy.batch_to_device(b) for b in batches]
-            self._samples = sum(batch_size(b) for b in self._batches[self.warmup_batches :])
         return self._batches
 
     def _speed_loader(self) -> Any:

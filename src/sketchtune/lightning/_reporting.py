@@ -105,11 +105,12 @@ class Progress(Listener):
         self.update(record)
 
     def update(self, record: TrialRecord) -> None:
-        """Count ``record`` and show the best feasible speedup so far."""
+        """Count ``record`` and show the best speedup so far: a confirmed one when timed."""
         self.done += 1
         if record.feasible:
             self.feasible += 1
-            if record.speedup is not None:
+            # a timed trial counts once its rounds confirm it (FLOP figures need no confirming)
+            if record.speedup is not None and (record.confirmed or not record.rounds):
                 self.best = max(self.best, record.speedup)
         best = f"{self.best:.2f}x" if self.best > -math.inf else "-"
         if self.bar is not None:
@@ -119,7 +120,7 @@ class Progress(Listener):
             accuracy = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
             rank_zero_info(
                 f"sketchtune trial {self.done}/{self.total}: accuracy {accuracy}, "
-                f"{'feasible' if record.feasible else 'infeasible'}; best {best}, "
+                f"{'feasible' if record.feasible else 'infeasible'}; best confirmed {best}, "
                 f"feasible {self.feasible}/{self.done}"
             )
 
