@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -54,6 +55,21 @@ def test_every_runtime_dependency_has_a_lower_bound() -> None:
         if not any(s.operator in (">=", ">") for s in r.specifier)
     ]
     assert not missing, missing
+
+
+def test_the_lowest_job_pins_each_runtime_dependency_to_its_lower_bound() -> None:
+    spec = importlib.util.spec_from_file_location("lowest", ROOT / ".ci" / "lowest_constraints.py")
+    assert spec is not None and spec.loader is not None
+    lowest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lowest)
+    pins = {Requirement(line).name: Requirement(line).specifier for line in lowest.constraints()}
+    pinned = [Requirement(d) for d in PROJECT["dependencies"]]
+    for extra in ("plots", "transformers"):
+        pinned.extend(Requirement(r) for r in PROJECT["optional-dependencies"][extra])
+    for req in pinned:
+        (floor,) = (s.version for s in req.specifier if s.operator == ">=")
+        assert str(pins[req.name]) == f"=={floor}", req
+    assert "lowest" not in (ROOT / ".ci" / "run").read_text()  # a separate, longer job
 
 
 def test_the_readme_set_up_keeps_torch_on_the_tested_build() -> None:
