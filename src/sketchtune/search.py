@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sketchtune._redact import redact
-from sketchtune._search._trialinfo import TrialInfo, counts_against_budget
+from sketchtune._search._trialinfo import counts_against_budget
 from sketchtune._validation import check_bool, check_choice, check_float, check_int, check_seed
 
 __all__ = ["OptunaSearch", "redact"]
@@ -341,8 +341,7 @@ def default_sampler(seed: int | None, n_trials: int | None = None) -> optuna.sam
     parameters exist), so the sampler models them jointly (``multivariate``,
     ``group``). Optuna's default of 10 random start-up trials would leave a
     12-trial budget nearly unguided; a quarter of the budget (3 to 10) is used.
-    On Optuna 4 (no ``Trial.set_constraint``) the constraint sketchtune records
-    is read back through ``constraints_func``.
+    The floor violation each trial records (``Trial.set_constraint``) steers it.
     """
     startup = 10 if n_trials is None else max(3, min(10, n_trials // 4))
     kwargs: dict[str, Any] = {
@@ -351,8 +350,6 @@ def default_sampler(seed: int | None, n_trials: int | None = None) -> optuna.sam
         "multivariate": True,
         "group": True,
     }
-    if not hasattr(optuna.trial.Trial, "set_constraint"):
-        kwargs["constraints_func"] = lambda t: (float(TrialInfo.of(t).constraint or 0.0),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(**kwargs)

@@ -119,7 +119,11 @@ def make_objective(
             dataclasses.replace(TrialInfo.of(twin), duplicate_of=twin.number, worker=WORKER).write(
                 trial
             )
-            set_constraint(trial, constraint_of(twin))
+            twin_info = TrialInfo.of(twin)
+            if twin_info.accuracy is not None and not twin_info.early_stop:
+                set_constraint(trial, judge.floor.violation(twin_info.accuracy))  # today's floor
+            else:
+                set_constraint(trial, constraint_of(twin))
             assert twin.value is not None
             return twin.value
         info = TrialInfo(plan=plan.to_dict()["layers"], worker=WORKER)
@@ -141,7 +145,6 @@ def make_objective(
             feasible=outcome.feasible,
             flops_speedup=outcome.flops_speedup,
             early_stop=outcome.early_stop,
-            constraint=None if hasattr(trial, "set_constraint") else outcome.violation,
             run=judge.run_id if outcome.speed_measured else None,
         )
         if outcome.timing is not None:

@@ -41,7 +41,6 @@ class TrialInfo:
         feasible: whether the accuracy kept the floor.
         flops_speedup: the FLOP model's speedup of the plan.
         early_stop: the validation was stopped once the floor was out of reach.
-        constraint: the floor violation, kept for Optuna 4's ``constraints_func``.
         reason: why the trial failed (non-finite metric, ...).
         skipped: why the trial was not run (the budget was used up by other workers).
         duplicate_of: the finished trial with the same parameters that answered this one.
@@ -60,7 +59,6 @@ class TrialInfo:
     feasible: bool | None = None
     flops_speedup: float | None = None
     early_stop: bool = False
-    constraint: float | None = None
     reason: str | None = None
     skipped: str | None = None
     duplicate_of: int | None = None
@@ -128,16 +126,10 @@ def finished_twin(trial: optuna.Trial, trials: Sequence[FrozenTrial]) -> FrozenT
 
 
 def set_constraint(trial: optuna.Trial, violation: float) -> None:
-    """Tell Optuna (>= 5) the floor violation; Optuna 4 reads ``TrialInfo.constraint`` instead."""
-    if hasattr(trial, "set_constraint"):
-        trial.set_constraint("accuracy", violation)
+    """Tell Optuna the floor violation (<= 0: feasible)."""
+    trial.set_constraint("accuracy", violation)
 
 
 def constraint_of(trial: FrozenTrial) -> float:
     """The floor violation recorded for ``trial`` (<= 0: feasible)."""
-    constraints = getattr(trial, "constraints", None)
-    if constraints:
-        return float(
-            next(iter(constraints.values())) if isinstance(constraints, dict) else constraints[0]
-        )
-    return float(TrialInfo.of(trial).constraint or 0.0)
+    return float(next(iter(trial.constraints.values()), 0.0))
