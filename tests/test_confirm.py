@@ -72,10 +72,11 @@ def test_a_plan_measured_in_another_run_is_confirmed_here_before_it_is_kept(
 ) -> None:
     """A finished study resumed on a machine where its fastest plan is slow keeps the next one."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
+    model = MLP()
 
     def tuner_on(speed: Callable[[nn.Module], float]) -> SKAutoTuner:
         return SKAutoTuner(
-            MLP(),
+            model,
             TuningConfigs([LayerConfig(["fc2"], {"num_terms": 1, "low_rank": [4, 8]})]),
             lambda m: 1.0,
             accuracy_threshold=0.5,

@@ -111,10 +111,11 @@ def test_a_resume_that_searches_something_else_is_refused_before_any_work(
 def test_a_resume_with_another_accuracy_function_is_refused(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'tune.db'}"
     params = {"num_terms": 1, "low_rank": [4, 8]}
-    tuner_for(MLP(), params, storage, accuracy=lambda m: 0.9).tune()
-    again = tuner_for(MLP(), params, storage, accuracy=lambda m: 0.9, n_trials=4)
+    model = MLP()  # the same model throughout: only the evaluation changes
+    tuner_for(model, params, storage, accuracy=lambda m: 0.9).tune()
+    again = tuner_for(model, params, storage, accuracy=lambda m: 0.9, n_trials=4)
     again.tune()  # the same evaluation resumes
-    other = tuner_for(MLP(), params, storage, accuracy=lambda m: 0.6)
+    other = tuner_for(model, params, storage, accuracy=lambda m: 0.6)
     with pytest.raises(ValueError, match=r"scores 0.6 now, but study 'study/fc2' recorded 0.9"):
         other.tune()
 

@@ -32,10 +32,9 @@ import optuna
 from torch import nn
 
 from sketchtune._planner import Planner
-from sketchtune._search._best import BestTracker, finish
+from sketchtune._search._best import BestTracker, Decision, finish
 from sketchtune._search._builder import PlanBuilder
 from sketchtune._search._events import Events, Listener
-from sketchtune._search._fingerprint import check_dense_record, check_fingerprints
 from sketchtune._search._judge import Judge
 from sketchtune._search._kept import KeptTrial, record_kept
 from sketchtune._search._objective import (
@@ -51,6 +50,7 @@ from sketchtune._search._results import (
     study_records,
     write_results,
 )
+from sketchtune._search._resume import check_baseline, open_studies
 from sketchtune._search._strategies import observed_layers_for, run_search
 from sketchtune._search._studies import Strategy, StudyLayout, StudySpec, check_configs
 from sketchtune._validation import check_choice, check_int, check_seed, warn
@@ -66,7 +66,7 @@ from sketchtune.nn import INITS
 from sketchtune.plan import SketchPlan, Swap, apply_plan, build_replacements
 from sketchtune.registry import BuildAids
 from sketchtune.results import TrialRecord, format_model_tree, records_dataframe
-from sketchtune.search import OptunaSearch, redact
+from sketchtune.search import OptunaSearch
 
 __all__ = ["SKAutoTuner", "check_configs"]
 
@@ -212,23 +212,15 @@ class SKAutoTuner:
             runs=self.num_runs_per_param,
             mode=self.mode,
         )
-        self.best_plan: SketchPlan | None = None
-        self.best_accuracy: float | None = None
-        self.best_speedup: float | None = None
         self.dense_accuracy: float | None = None
         self.interrupted = False
-        self.combination_log: list[dict[str, Any]] = []
-        self.confirmation_log: list[dict[str, Any]] = []
         self._records: list[TrialRecord] | None = None
         self._optuna_studies: dict[str, optuna.Study] = {}
-        self._best_speed: float | None = None
-        self.confirmation: dict[str, Any] | None = None
         self._events = Events(verbose=self.verbose)
         #: what the last tune() kept, as recorded in its study (``study.user_attrs["sketchtune:kept"]``)
         self.kept: KeptTrial | None = None
-        self._layer_trials: dict[str, int] = {}
-        #: one line: what the last tune() kept, or why the model stays dense
-        self.verdict: str | None = None
+        #: the last tune()'s decision (or the one a results file holds)
+        self.decision: Decision | None = None
 
     # ------------------------------------------------------------------ read-only views
 
@@ -244,6 +236,13 @@ class SKAutoTuner:
     def floor(self) -> AccuracyFloor:
         """The accuracy floor (resolved against the dense accuracy once it is measured)."""
         return self._judge.floor
+
+    @property
+    def _speed_kind(self) -> str | None:
+        """``"flops"``, ``"measured"`` or ``None``: what a trial's speedup is."""
+        if self.speed_model is not None:
+            return self.speed_model
+        return "measured" if self.evaluator.has_throughput else None
 
     @property
     def study_labels(self) -> list[str]:
@@ -293,8 +292,6 @@ class SKAutoTuner:
         """
         self._events = Events(verbose=self.verbose, listeners=listeners, trial_callbacks=callbacks)
         self.interrupted = False
-        self.combination_log = []
-        self.confirmation_log = []
         search = self.search_algorithm
         search.start()
         self._judge.run_id = f"{WORKER}:{uuid.uuid4().hex[:8]}"
@@ -302,20 +299,17 @@ class SKAutoTuner:
         deadline = None if search.timeout is None else time.monotonic() + search.timeout
         try:
             with quiet_optuna(), sigterm_as_interrupt():
-                opened = search.open_studies([s.key for s in self._studies])
-                self._optuna_studies = {
-                    s.label: study for s, study in zip(self._studies, opened, strict=True)
-                }
-                check_fingerprints(
-                    self._optuna_studies,
+                self._optuna_studies = open_studies(
+                    search,
                     self._studies,
                     self._layout,
+                    self.model,
+                    self._events,
                     strategy=self.strategy,
                     metric=self.evaluator.metric_name,
                     mode=self.mode,
-                    storage=search.storage,
+                    speed_model=self._speed_kind,
                 )
-                self._note_reused(search)
                 try:
                     self._baseline()
                     self.planner = run_search(
@@ -353,38 +347,17 @@ class SKAutoTuner:
         """
         self._judge.follow()
 
-    def _note_reused(self, search: OptunaSearch) -> None:
-        """One line when the studies already hold trials: they are reused, and how to get more."""
-        counted = {label: search.counted_trials(s) for label, s in self._optuna_studies.items()}
-        held = sum(counted.values())
-        if not held:
-            return
-        budget = search.n_trials
-        left = sum(max(0, budget - n) for n in counted.values()) if budget is not None else None
-        names = sorted({s.study_name for s in self._optuna_studies.values()})
-        shown = names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more)"
-        in_memory = search.storage is None or isinstance(
-            search.storage, optuna.storages.InMemoryStorage
-        )
-        where = "in memory" if in_memory else f"in {redact(search.storage)}"
-        if left == 0:
-            plan = "its budget is used up, so it runs no trial and its result is reused"
-        else:
-            plan = f"they are reused and {left} more will run"
-        self._events.note(
-            f"study {shown!r} {where} already has {held} trial(s) (n_trials={budget}): {plan}. "
-            "For more trials raise n_trials; to start over pass a new study_name."
-        )
-
     def _baseline(self) -> None:
         """The dense accuracy (measured; on resume, compared with the study's record) and the floor."""
         self.dense_accuracy = self._judge.dense_accuracy()
         self._say(f"dense accuracy {self.dense_accuracy:.6g}")
-        check_dense_record(self._optuna_studies, self.dense_accuracy)
         floor = self._judge.resolve_floor(
             self.dense_accuracy, threshold=self.accuracy_threshold, max_drop=self.max_accuracy_drop
         )
         self._say(f"accuracy floor: {floor.describe()}")
+        check_baseline(
+            self._optuna_studies, self._studies, self.dense_accuracy, floor, self._events
+        )
 
     def _finish(self, best: BestTracker) -> None:
         """Pick the best plan: the global winner, or the validated combination of per-study winners."""
@@ -399,14 +372,7 @@ class SKAutoTuner:
             dense_accuracy=self.dense_accuracy,
             say=self._say,
         )
-        self.best_plan = decision.plan
-        self.best_accuracy, self.best_speedup = decision.accuracy, decision.speedup
-        self._best_speed = decision.speed
-        self.confirmation = decision.confirmation
-        self.combination_log = decision.combination_log
-        self.confirmation_log = decision.confirmation_log
-        self.verdict = decision.verdict
-        self._layer_trials = decision.layer_trials
+        self.decision = decision
         self.kept = record_kept(
             self._optuna_studies,
             plan=decision.plan.to_dict(),
@@ -415,12 +381,43 @@ class SKAutoTuner:
             confirmation=decision.confirmation,
             accuracy=decision.accuracy,
             floor=self.floor.describe(),
-            speed_model=self.speed_model or ("measured" if self._judge.speed_measured else None),
+            speed_model=self._speed_kind,
             device=next((p.device for p in self.model.parameters()), None),
             verdict=decision.verdict,
         )
 
     # ------------------------------------------------------------------ results
+
+    @property
+    def best_plan(self) -> SketchPlan | None:
+        """The kept plan (``None`` before ``tune()``; empty when the model stays dense)."""
+        return None if self.decision is None else self.decision.plan
+
+    @property
+    def best_accuracy(self) -> float | None:
+        return None if self.decision is None else self.decision.accuracy
+
+    @property
+    def best_speedup(self) -> float | None:
+        """The kept plan's confirmed speedup (the FLOP model's figure with ``"flops"``)."""
+        return None if self.decision is None else self.decision.speedup
+
+    @property
+    def confirmation(self) -> dict[str, Any] | None:
+        return None if self.decision is None else self.decision.confirmation
+
+    @property
+    def combination_log(self) -> list[dict[str, Any]]:
+        return [] if self.decision is None else self.decision.combination_log
+
+    @property
+    def confirmation_log(self) -> list[dict[str, Any]]:
+        return [] if self.decision is None else self.decision.confirmation_log
+
+    @property
+    def verdict(self) -> str | None:
+        """One line: what the last tune() kept, or why the model stays dense."""
+        return None if self.decision is None else self.decision.verdict
 
     @property
     def best_params(self) -> dict[str, dict[str, Any]]:
@@ -443,12 +440,13 @@ class SKAutoTuner:
     def layer_results(self) -> dict[str, dict[str, Any]]:
         """What :meth:`tune` returns (:attr:`best_params`)."""
         copy_weights = {name: g.copy_weights for g in self._layout.groups for name in g.names}
-        score = self.best_speedup if self.best_speedup is not None else self.best_accuracy
-        kept = {"accuracy": self.best_accuracy, "speed": self._best_speed, "score": score}
-        results = seed_layer_results(list(copy_weights), self.best_plan or SketchPlan(), kept)
+        decision = self.decision or Decision(SketchPlan())
+        score = decision.speedup if decision.speedup is not None else decision.accuracy
+        kept = {"accuracy": decision.accuracy, "speed": decision.speed, "score": score}
+        results = seed_layer_results(list(copy_weights), decision.plan, kept)
         for name, entry in results.items():
             entry["copy_weights"] = copy_weights[name]
-            entry["trial"] = self._layer_trials.get(name)
+            entry["trial"] = decision.layer_trials.get(name)
         return results
 
     @property
@@ -517,27 +515,13 @@ class SKAutoTuner:
             dense_accuracy=self.dense_accuracy,
             floor=self.floor,
             records=self.records,
-            best_plan=self.best_plan,
-            combination_log=self.combination_log,
-            kept={
-                "accuracy": self.best_accuracy,
-                "speedup": self.best_speedup,
-                "speed": self._best_speed,
-                "verdict": self.verdict,
-                "layer_trials": self._layer_trials,
-            },
+            decision=self.decision,
         )
 
     def load_tuning_results(self, path: str | os.PathLike[str]) -> None:
         """Read results written by :meth:`save_tuning_results` (no code is executed)."""
         loaded = read_results(path, layers=self._layout.dense.keys())
         self._records = loaded.records
-        self.best_plan = loaded.best_plan
+        self.decision = loaded.decision
         self._judge.set_floor(loaded.floor)
         self.dense_accuracy = loaded.dense_accuracy
-        self.combination_log = loaded.combination_log
-        self.best_accuracy = loaded.kept.get("accuracy")
-        self.best_speedup = loaded.kept.get("speedup")
-        self._best_speed = loaded.kept.get("speed")
-        self.verdict = loaded.kept.get("verdict")
-        self._layer_trials = dict(loaded.kept.get("layer_trials") or {})

@@ -119,6 +119,25 @@ class Decision:
     #: each kept layer's trial (its study's Optuna number)
     layer_trials: dict[str, int] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (a results file holds them)."""
+        data = dataclasses.asdict(self)
+        data["plan"] = self.plan.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Decision:
+        """From :meth:`to_dict` (the plan is checked as any loaded plan is).
+
+        Raises:
+            ValueError: the data is not a decision.
+        """
+        if not isinstance(data, Mapping) or "plan" not in data:
+            raise ValueError(f"a decision needs a plan, got {data!r}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"plan"}
+        values = {k: data[k] for k in known if k in data}
+        return cls(SketchPlan.from_dict(data["plan"]), **values)
+
 
 def choose(
     bests: dict[str, TrialRecord],

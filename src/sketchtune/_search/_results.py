@@ -13,6 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sketchtune._atomic import write_text_atomic
+from sketchtune._search._best import Decision
 from sketchtune._search._studies import StudySpec
 from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.evaluate import AccuracyFloor
@@ -69,11 +70,9 @@ class LoadedResults:
     """What a results file holds."""
 
     records: list[TrialRecord]
-    best_plan: SketchPlan | None
     floor: AccuracyFloor
     dense_accuracy: float | None
-    combination_log: list[dict[str, Any]]
-    kept: dict[str, Any]
+    decision: Decision | None
 
 
 def write_results(
@@ -83,14 +82,9 @@ def write_results(
     dense_accuracy: float | None,
     floor: AccuracyFloor,
     records: Sequence[TrialRecord],
-    best_plan: SketchPlan | None,
-    combination_log: list[dict[str, Any]],
-    kept: Mapping[str, Any] | None = None,
+    decision: Decision | None,
 ) -> None:
-    """Write the results as standard JSON (no NaN tokens), atomically.
-
-    ``kept`` holds the figures of the kept plan (``accuracy``, ``speedup``, ``speed``).
-    """
+    """Write the results (the trials and the decision) as standard JSON, atomically."""
     data = {
         "_type": _RESULTS_TYPE,
         "_version": _RESULTS_VERSION,
@@ -98,9 +92,8 @@ def write_results(
         "dense_accuracy": dense_accuracy,
         "floor": {"value": floor.value, "mode": floor.mode},
         "records": [asdict(r) for r in records],
-        "best_plan": None if best_plan is None else best_plan.to_dict(),
-        "combination_log": combination_log,
-        "kept": dict(kept or {}),
+        "best_plan": None if decision is None else decision.plan.to_dict(),
+        "decision": None if decision is None else decision.to_dict(),
     }
     write_text_atomic(path, json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
 
@@ -149,6 +142,13 @@ def read_results(
         records = [TrialRecord(**{**r, "score": float(r["score"])}) for r in data["records"]]
         plan = None if data["best_plan"] is None else SketchPlan.from_dict(data["best_plan"])
         floor = AccuracyFloor(data["floor"]["value"], data["floor"]["mode"])
+        stored = data.get("decision")
+        if stored is not None:
+            decision: Decision | None = Decision.from_dict(stored)
+        else:  # written before decisions were kept whole: the plan and its combination log
+            decision = None if plan is None else Decision(plan)
+            if decision is not None:
+                decision.combination_log = list(data.get("combination_log") or [])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{where} is malformed: {exc}.") from None
     if plan is not None and layers is not None:
@@ -160,9 +160,7 @@ def read_results(
             )
     return LoadedResults(
         records=records,
-        best_plan=plan,
         floor=floor,
         dense_accuracy=data.get("dense_accuracy"),
-        combination_log=list(data.get("combination_log") or []),
-        kept=dict(data.get("kept") or {}),
+        decision=decision,
     )
