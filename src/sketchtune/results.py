@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from optuna.trial import TrialState
@@ -321,6 +321,12 @@ class RunSummary:
     confirmed_speedup: float | None = None
     #: what was kept, or why the model stays dense (the tuner's ``verdict``)
     verdict: str | None = None
+
+    def __repr__(self) -> str:
+        # the storage only as it may be shown: a password never reaches a log or a notebook
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["storage"] = redact(self.storage)
+        return f"RunSummary({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def speedup(self) -> float | None:

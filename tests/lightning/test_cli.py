@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from sketchtune import SketchTuneCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).parent / "data" / "cli.yaml"
@@ -112,3 +115,98 @@ def test_short_name_in_the_sketchtune_command_and_full_path_in_a_plain_lightning
     done = _run([sys.executable, "-c", script, *full], tmp_path / "plain")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sketchtune: best plan sketches 1 layer(s)" in done.stderr + done.stdout
+
+
+# -- secrets: a storage password never lands in a saved config ----------------------------
+
+
+def _with_password(url: str, password: str) -> str:
+    scheme, _, rest = url.partition("://")
+    user, _, host = rest.partition("@")
+    return f"{scheme}://{user}:{password}@{host}"
+
+
+def test_the_saved_config_and_the_summary_hold_no_storage_password(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "s3cret-Pa55"  # trust authentication: the server accepts any password
+    storage = _with_password(postgres_url, secret)
+    study = "cli-secret-" + tmp_path.name
+    args = ["fit", "--config", str(CONFIG), f"--sketch.storage={storage}"]
+    # the sketchtune command, logger: false -> config.yaml in the run directory
+    done = _run([*_sketchtune(), *args, f"--sketch.study_name={study}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = (tmp_path / "config.yaml").read_text()
+    assert secret not in saved
+    assert yaml.safe_load(saved)["sketch"]["storage"] == storage.replace(secret, "***")
+    assert secret not in done.stdout + done.stderr
+    assert (done.stdout + done.stderr).count("`storage` holds a password") == 1
+    assert "PGPASSWORD" in done.stderr
+
+    # in this process, with a logger -> config.yaml in lightning_logs/version_0
+    from sketchtune.lightning.cli import SketchTuneCLI
+
+    monkeypatch.setattr(sys, "argv", ["sketchtune"])  # as the console script: args= alone
+    with pytest.warns(UserWarning, match=r"`storage` holds a password.*PGPASSWORD"):
+        cli = SketchTuneCLI(
+            args=[
+                *args,
+                f"--sketch.study_name={study}-2",
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                f"--trainer.logger.save_dir={tmp_path / 'logs'}",
+            ],
+            save_config_kwargs={"overwrite": True},
+        )
+    [cb] = [c for c in cli.trainer.callbacks if isinstance(c, SketchTuneCallback)]
+    assert cb.summary is not None and cb.summary.storage == storage
+    assert secret not in repr(cb.summary) and "postgres:***@" in repr(cb.summary)
+    [logged] = list((tmp_path / "logs").rglob("config.yaml"))
+    assert logged.parent.name == "version_0"
+    assert secret not in logged.read_text()
+    assert "postgres:***@" in logged.read_text()
+
+
+def test_a_password_from_pgpassword_or_pgpass_connects_with_a_url_without_it(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the warning advises, checked against a server that requires the password."""
+    import optuna
+    import psycopg
+    import psycopg.sql
+
+    admin = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    role, password = f"tuner_{os.getpid()}", "Pa55-w0rd"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        conn.execute(f"CREATE DATABASE {role} OWNER {role}")
+        hba = conn.execute("SHOW hba_file").fetchone()[0]  # type: ignore[index]
+        # the postgres role keeps trust (the other tests use it); every other role needs a password
+        lines = [
+            "local all all trust",
+            "host all postgres 127.0.0.1/32 trust",
+            "host all all 127.0.0.1/32 scram-sha-256",
+        ]
+        copy = psycopg.sql.SQL("COPY (SELECT unnest({}::text[])) TO {}")
+        conn.execute(copy.format(psycopg.sql.Literal(lines), psycopg.sql.Literal(hba)))
+        conn.execute("SELECT pg_reload_conf()")
+    host = postgres_url.split("@", 1)[1].rsplit("/", 1)[0]
+    url = f"postgresql+psycopg://{role}@{host}/{role}"
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    with pytest.raises(Exception, match=r"password"):
+        optuna.storages.RDBStorage(url)  # the server does ask for it
+    monkeypatch.setenv("PGPASSWORD", password)
+    optuna.create_study(storage=url, study_name="from-env")
+    monkeypatch.delenv("PGPASSWORD")
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"{host}:{role}:{role}:{password}\n")  # host:port:database:user:password
+    pgpass.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    assert optuna.load_study(storage=url, study_name="from-env").study_name == "from-env"
+    # and the sketchtune command tunes with it, saving a config that re-runs as it is
+    env_run = ["fit", "--config", str(CONFIG), f"--sketch.storage={url}"]
+    done = _run([*_sketchtune(), *env_run], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sketchtune: best plan sketches 1 layer(s)" in done.stderr + done.stdout
+    assert "holds a password" not in done.stderr
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sketch"]["storage"] == url

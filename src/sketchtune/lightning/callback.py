@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import optuna
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from sketchtune._modes import restore_modes, save_modes
@@ -182,6 +182,16 @@ class SketchTuneCallback(Callback):
         self.sampler = sampler
         self.pruner = pruner
         self.storage = storage
+        if isinstance(storage, str) and redact(storage) != storage:
+            rank_zero_warn(
+                "sketchtune: `storage` holds a password. sketchtune shows and saves it as *** "
+                "(logs, checkpoints, summary.md, the sketchtune command's config.yaml), but a "
+                "plain LightningCLI's config.yaml, shell history and process lists keep it in "
+                "clear, and a config saved with *** cannot reconnect. Leave it out of the URL: "
+                "the PostgreSQL driver reads PGPASSWORD or ~/.pgpass, so "
+                f"storage={_without_password(storage)!r} with PGPASSWORD set connects.",
+                category=UserWarning,
+            )
         self.study_name = study_name
         self.strategy = check_choice(
             "strategy", strategy, ("global", "separate", "joint", "sampler")
@@ -392,6 +402,13 @@ class SketchTuneCallback(Callback):
         self._next_log_step = found.next_log_step
         if self.apply_best:
             self.applied_plan = found.plan  # possibly empty: checkpoints then say "dense"
+
+
+def _without_password(storage: str) -> str:
+    """``storage`` without its password (``user:***@`` and ``password=***`` dropped): what to write."""
+    head, qmark, query = str(redact(storage)).replace(":***@", "@", 1).partition("?")
+    kept = [part for part in query.split("&") if part and not part.endswith("=***")]
+    return head + (qmark + "&".join(kept) if kept else "")
 
 
 def _check_range(value: Any) -> tuple[float, float] | None:

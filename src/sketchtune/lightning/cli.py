@@ -13,25 +13,62 @@ from __future__ import annotations
 
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
+from sketchtune._redact import redact
 from sketchtune.lightning.callback import SketchTuneCallback
 
-__all__ = ["SketchTuneCLI", "main"]
+__all__ = ["RedactedSaveConfigCallback", "SketchTuneCLI", "main"]
 
 _SECTION = "sketch"
 
 
+class RedactedSaveConfigCallback(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` writer, with passwords in URLs written as ``***``.
+
+    A ``storage: postgresql+psycopg://user:secret@host/db`` is saved as
+    ``user:***@host``: a run directory must not hold credentials. Leave the
+    password out of the URL (the driver reads ``PGPASSWORD`` or ``~/.pgpass``)
+    and the saved config re-runs as it is.
+    """
+
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, **kwargs: Any) -> None:
+        super().__init__(parser, _redacted(config.clone()), **kwargs)
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` (a config, in place) with every URL's password replaced by ``***``."""
+    if isinstance(value, Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, _redacted(item))
+        return value
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    if isinstance(value, str) and "://" in value:
+        return redact(value)
+    return value
+
+
 class SketchTuneCLI(LightningCLI):
     """LightningCLI whose optional ``sketch:`` section configures a :class:`SketchTuneCallback`.
+
+    The ``config.yaml`` it saves holds no password (see :class:`RedactedSaveConfigCallback`).
 
     Example::
 
         sketchtune fit --config cfg.yaml               # trains, then tunes (with a sketch: section)
         sketchtune fit --config cfg.yaml --sketch.n_trials=20
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) < 3:  # LightningCLI's third positional argument is save_config_callback
+            kwargs.setdefault("save_config_callback", RedactedSaveConfigCallback)
+        super().__init__(*args, **kwargs)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
