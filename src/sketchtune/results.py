@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -370,7 +371,8 @@ class RunSummary:
 
     def dashboard_hint(self) -> str:
         if self.storage and "://" in self.storage:
-            return f"Browse the study: optuna-dashboard {redact(self.storage)}"
+            # quoted for a shell: a path may hold spaces, quotes or `$`
+            return f"Browse the study: optuna-dashboard {shlex.quote(str(redact(self.storage)))}"
         return "The study is in memory; pass storage='sqlite:///tune.db' to browse it with optuna-dashboard."
 
 

@@ -3,6 +3,7 @@ storage, bad storage URLs and output folders fail before training, failures rest
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,15 @@ def test_the_summary_shows_the_confirmed_speedup() -> None:
         assert cb.summary.speedup == cb.best_speedup == cb.tuner.confirmation["speedup"]
     else:
         assert cb.summary.speedup is None and cb.best_speedup is None
+
+
+def test_the_dashboard_line_of_summary_md_is_shell_quoted(tmp_path: Path) -> None:
+    folder = tmp_path / "it's my $HOME"
+    folder.mkdir()
+    storage = f"sqlite:///{folder / 'tune.db'}"
+    cb = callback(storage=storage, output_dir=str(tmp_path / "out"), accuracy_threshold=0.0)
+    trainer(cb).fit(Classifier(width=32), DataModule())
+    line = (tmp_path / "out" / "summary.md").read_text().strip().splitlines()[-1]
+    prefix = "Browse the study: "
+    assert line.startswith(prefix)
+    assert shlex.split(line[len(prefix) :]) == ["optuna-dashboard", storage]
