@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from typing_extensions import override
 
 from sketchtune._redact import redact
+from sketchtune.config import TuningConfigs
 from sketchtune.lightning.callback import SketchTuneCallback
 
 __all__ = ["RedactedSaveConfigCallback", "SketchTuneCLI", "main"]
@@ -81,11 +82,44 @@ class SketchTuneCLI(LightningCLI):
         parser.add_instantiator(_callback_if_configured, SketchTuneCallback, subclasses=False)
 
     @override
+    def before_instantiate_classes(self) -> None:
+        # The callback's `configs` is typed loosely (dicts from YAML): check it as the Python
+        # API does, now, so a typo is one parser error line, not a traceback after set-up.
+        config = self.config.get(str(self.subcommand), self.config)
+        places: list[tuple[str, Any]] = []
+        sketch = config.get(_SECTION)
+        if sketch is not None and sketch.get("configs") is not None:
+            places.append((f"{_SECTION}.configs", sketch.get("configs")))
+        callbacks = config.get("trainer.callbacks")
+        for i, callback in enumerate(callbacks if isinstance(callbacks, list) else []):
+            init = getattr(callback, "init_args", None)
+            path = str(getattr(callback, "class_path", ""))
+            if path.endswith("SketchTuneCallback") and init is not None:
+                places.append((f"trainer.callbacks[{i}].init_args.configs", init.get("configs")))
+        for where, configs in places:
+            problem = _config_problem(configs)
+            if problem is not None:
+                self._parser(self.subcommand).error(f"{where}{problem}")
+
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         parser = self._parser(self.subcommand)
         if self._get(self.config_init, _SECTION) is None and _SECTION in parser.callback_keys:
             parser.callback_keys.remove(_SECTION)  # no sketch: section, no callback
         return super().instantiate_trainer(**kwargs)
+
+
+def _config_problem(configs: Any) -> str | None:
+    """``"[i]: what is wrong"`` (``": ..."`` for the whole) with ``configs``, or ``None``."""
+    items = configs if isinstance(configs, list) else [configs]
+    for i, item in enumerate(items):
+        if isinstance(item, Namespace):  # a LayerConfig written as class_path + init_args
+            item = item.get("init_args", Namespace()).as_dict()
+        try:
+            TuningConfigs.coerce([item])
+        except (TypeError, ValueError) as exc:
+            return f"{f'[{i}]' if isinstance(configs, list) else ''}: {exc}"
+    return None
 
 
 def _callback_if_configured(
