@@ -177,9 +177,20 @@ class LightningEvaluator(Evaluator):
                 raise ValueError(
                     "speed measurement found no batches in the predict/validation dataloader."
                 )
+            batches = [self._as_predict_loop_does(b) for b in batches]
             self._batches = [self.trainer.strategy.batch_to_device(b) for b in batches]
             self._samples = sum(batch_size(b) for b in self._batches[self.warmup_batches :])
         return self._batches
+
+    def _as_predict_loop_does(self, batch: Any) -> Any:
+        """``batch`` as Lightning's predict loop has it before the transfer to the device.
+
+        The precision plugin's input conversion (float64 under ``"64-true"``, bfloat16
+        under ``"bf16-true"``, ...), then the module's ``on_before_batch_transfer``; the
+        strategy's ``batch_to_device`` (and the module's transfer hooks) come next.
+        """
+        batch = self.trainer.precision_plugin.convert_input(batch)
+        return self.pl_module.on_before_batch_transfer(batch, 0)
 
     def _speed_loader(self) -> Any:
         trainer = self.trainer

@@ -114,7 +114,10 @@ class FineTuner:
     def _backward(self, batch_idx: int) -> None:
         """One batch's ``training_step`` and backward pass (the loss scaled for accumulation)."""
         trainer = self.trainer
-        batch = trainer.strategy.batch_to_device(next(self.batches))
+        # as Lightning's training loop prepares a batch: the precision's input dtype first
+        batch = trainer.precision_plugin.convert_input(next(self.batches))
+        batch = self.module.on_before_batch_transfer(batch, 0)
+        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
         with trainer.precision_plugin.train_step_context():
             out = self.module.training_step(batch, batch_idx)
         loss = out["loss"] if isinstance(out, dict) else out
