@@ -27,7 +27,7 @@ from sketchtune.lightning._checkpoint import (
     PlanLoader,
     drop_stale_optimizer_state,
 )
-from sketchtune.lightning._search import run_search, tuned_module
+from sketchtune.lightning._search import SearchResult, run_search, tuned_module
 from sketchtune.lightning._trainer_state import (
     check_launcher,
 )
@@ -391,9 +391,14 @@ class SketchTuneCallback(Callback):
                 loop,
                 self._search_settings(),
                 log_step=max(trainer.global_step, self._next_log_step),
+                keep=self._keep,
             )
         finally:
             self._searching = False
+        self._keep(found)  # now with the summary
+
+    def _keep(self, found: SearchResult) -> None:
+        """Hold what the search found; called as soon as the model holds the plan, and again."""
         self.tuner, self.study = found.tuner, found.search.study
         self.best_plan, self.best_speedup = found.plan, found.speedup
         self.best_accuracy, self.dense_accuracy = found.accuracy, found.tuner.dense_accuracy
