@@ -80,6 +80,42 @@ def test_inplace_folds_the_model_itself() -> None:
     assert [m.out_features for m in model.fc1] == [2 * 2 * 4, 64]
 
 
+class Shared(nn.Module):
+    """One Linear at two paths (``b`` is ``a``), as tied or reused layers are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.b = self.a
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+def test_a_layer_held_at_two_paths_is_folded_once_and_stays_shared(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plan = _plan({"a": {"type": "SKLinear", "params": {"num_terms": 1, "low_rank": 4}}})
+    model = apply_plan(Shared(), plan).eval()
+    assert is_sketched(model.b) and model.b is model.a  # the plan sketched both paths
+    x = torch.randn(5, 32)
+    plain = export_plain(model)
+    assert isinstance(plain.a, nn.Sequential) and plain.b is plain.a  # folded once, shared
+    assert not any(is_sketched(m) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)
+    # plain torch round trip: save, load into a fresh dense model, same outputs, still shared
+    torch.save(plain.state_dict(), tmp_path / "weights.pt")
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert {"a.0.weight", "b.0.weight"} <= set(weights)
+    fresh = load_folded_state_dict(Shared(), weights).eval()  # strict: nothing missing or extra
+    assert isinstance(fresh.a, nn.Sequential) and fresh.b is fresh.a
+    with torch.no_grad():
+        assert torch.equal(fresh(x), plain(x))
+    assert export_plain(model, inplace=True) is model and model.b is model.a
+    assert isinstance(model.b, nn.Sequential)
+
+
 def test_attention_has_no_plain_form_and_says_so() -> None:
     plan = _plan(
         {

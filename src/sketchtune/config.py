@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, overload
 
@@ -106,10 +107,13 @@ class LayerConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> LayerConfig:
         if not isinstance(data, Mapping):
             raise TypeError(f"a layer config must be a mapping, got {data!r}.")
-        unknown = sorted(set(data) - {"layer_names", "params", "separate", "copy_weights"})
+        valid = ("layer_names", "params", "separate", "copy_weights")
+        unknown = sorted(set(data) - set(valid), key=str)
         if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(
-                f"layer config has unknown key(s) {unknown}; valid keys: layer_names, params, separate, copy_weights."
+                f"layer config has unknown key(s) {unknown}{hint}; valid keys: {', '.join(valid)}."
             )
         if "layer_names" not in data:
             raise ValueError(f"layer config needs `layer_names`, got {dict(data)!r}.")

@@ -73,20 +73,31 @@ def export_plain(model: nn.Module, *, inplace: bool = False, strict: bool = True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    sketched = [(name, module) for name, module in model.named_modules() if sketch_of(module)]
-    folded: dict[str, nn.Module] = {}
+    # every path, aliases included (named_modules() lists a shared module once): a module
+    # held at two paths is folded once and the folded module put at both, still shared
+    paths = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if sketch_of(m)]
+    folded: dict[int, nn.Module] = {}
+    where: dict[int, list[str]] = {}
     kept: list[str] = []
-    for name, module in sketched:
-        if any(name.startswith(f"{done}.") for done in folded):
+    unfoldable: set[int] = set()
+    for name, module in paths:
+        if any(name.startswith(f"{done}.") for ids in where.values() for done in ids):
+            continue  # inside a layer folded whole
+        if id(module) in where:
+            where[id(module)].append(name)
+            continue
+        if id(module) in unfoldable:
             continue
         found = sketch_of(module)
         assert found is not None
         try:
             plain = found[0].fold(module)
         except NotImplementedError:
+            unfoldable.add(id(module))
             kept.append(f"{name!r} ({type(module).__name__})")
             continue
-        folded[name] = plain.train(module.training)
+        folded[id(module)] = plain.train(module.training)
+        where[id(module)] = [name]
     if kept and strict:
         raise ValueError(
             f"export_plain: {len(kept)} sketched layer(s) have no plain-torch form: "
@@ -95,11 +106,12 @@ def export_plain(model: nn.Module, *, inplace: bool = False, strict: bool = True
             "fold the others and leave these as they are."
         )
     target = model if inplace else copy.deepcopy(model)
-    for name, plain in folded.items():
-        if not name:  # the model itself is one sketched layer
-            return plain
-        parent_name, _, attr = name.rpartition(".")
-        setattr(target.get_submodule(parent_name), attr, plain)
+    for key, plain in folded.items():
+        for name in where[key]:
+            if not name:  # the model itself is one sketched layer
+                return plain
+            parent_name, _, attr = name.rpartition(".")
+            setattr(target.get_submodule(parent_name), attr, plain)
     return target
 
 
@@ -112,7 +124,8 @@ def load_folded_state_dict(
 
     Every leaf layer whose weight the ``state_dict`` holds as ``<name>.0.weight``
     and ``<name>.1.weight`` (the two factors of a fold) is first replaced by the
-    two plain layers, sized from those tensors: two ``nn.Linear`` for a Linear
+    two plain layers (one pair for a layer the model holds at several paths, so
+    it stays shared), sized from those tensors: two ``nn.Linear`` for a Linear
     (or a transformers ``Conv1D``), a convolution with the dense layer's stride,
     padding and dilation then a 1x1 convolution for a Conv2d. Then the
     ``state_dict`` is loaded. Uses only torch.
@@ -126,34 +139,40 @@ def load_folded_state_dict(
     Returns:
         ``model``, changed in place.
     """
-    for name, module in list(model.named_modules()):
+    # every path, aliases included: a layer shared by two paths gets one plain pair at both
+    replaced: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         first, second = state_dict.get(f"{name}.0.weight"), state_dict.get(f"{name}.1.weight")
         own = getattr(module, "_parameters", {}).get("weight")
         if not name or first is None or second is None or own is None:
             continue
         if f"{name}.weight" in state_dict:
             continue
-        kw = {"dtype": own.dtype, "device": own.device}
-        has_bias = f"{name}.1.bias" in state_dict
-        if first.dim() == 2:
-            down = nn.Linear(first.shape[1], first.shape[0], bias=False, **kw)
-            up = nn.Linear(second.shape[1], second.shape[0], bias=has_bias, **kw)
-            plain = nn.Sequential(down, up)
-        else:
-            spread = nn.Conv2d(
-                first.shape[1],
-                first.shape[0],
-                (first.shape[2], first.shape[3]),
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                bias=False,
-                **kw,
-            )
-            combine = nn.Conv2d(second.shape[1], second.shape[0], 1, bias=has_bias, **kw)
-            plain = nn.Sequential(spread, combine)
+        plain = replaced.get(id(module))
+        if plain is None:
+            kw = {"dtype": own.dtype, "device": own.device}
+            has_bias = f"{name}.1.bias" in state_dict
+            if first.dim() == 2:
+                down = nn.Linear(first.shape[1], first.shape[0], bias=False, **kw)
+                up = nn.Linear(second.shape[1], second.shape[0], bias=has_bias, **kw)
+                plain = nn.Sequential(down, up)
+            else:
+                spread = nn.Conv2d(
+                    first.shape[1],
+                    first.shape[0],
+                    (first.shape[2], first.shape[3]),
+                    stride=module.stride,
+                    padding=module.padding,
+                    dilation=module.dilation,
+                    bias=False,
+                    **kw,
+                )
+                combine = nn.Conv2d(second.shape[1], second.shape[0], 1, bias=has_bias, **kw)
+                plain = nn.Sequential(spread, combine)
+            plain.train(module.training)
+            replaced[id(module)] = plain
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, plain.train(module.training))
+        setattr(model.get_submodule(parent_name), attr, plain)
         # torch's Transformer fast paths read linear1.weight etc. directly: turn them off above
         for prefix, outer in model.named_modules():
             if name.startswith(f"{prefix}." if prefix else ""):

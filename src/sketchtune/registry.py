@@ -156,9 +156,32 @@ def kind_of(module: nn.Module) -> SketchKind | None:
     """The kind that sketches ``module``, or ``None`` when it is not sketchable."""
     _ensure_lazy()
     kind = _resolve(type(module), _BY_DENSE)
-    if kind is None or kind.unsupported(module) is not None:
+    if kind is None or _declined(kind, module) is not None:
         return None
     return kind
+
+
+def _declined(kind: SketchKind, module: nn.Module) -> str | None:
+    """Why ``kind`` does not sketch ``module`` after all: the kind's own reason, or a subclass's forward.
+
+    A subclass of the kind's dense type with its own ``forward`` computes something
+    else than the sketch would (a scaled or quantized Linear): sketching it would
+    silently drop that behaviour, unless a kind is registered for that class.
+    """
+    reason = kind.unsupported(module)
+    if reason is not None:
+        return reason
+    cls = type(module)
+    for klass in cls.__mro__:
+        if klass is kind.dense_type:
+            return None
+        if "forward" in vars(klass):
+            return (
+                f"{cls.__module__}.{cls.__qualname__} subclasses {kind.dense_type.__name__} with "
+                f"its own forward (in {klass.__qualname__}), which a {kind.name} would not run; "
+                "register a kind for that class (sketchtune.registry.register_kind) to sketch it"
+            )
+    return None
 
 
 def kind_named(name: str) -> SketchKind:
@@ -208,7 +231,7 @@ def unsupported_reason(module: nn.Module) -> str:
     """Why ``module`` cannot be sketched (for error messages and selection reports)."""
     _ensure_lazy()
     kind = _resolve(type(module), _BY_DENSE)
-    reason = kind.unsupported(module) if kind is not None else None
+    reason = _declined(kind, module) if kind is not None else None
     if reason is not None:
         return reason
     return f"sketchtune sketches only {', '.join(supported_types())}"

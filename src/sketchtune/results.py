@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from optuna.trial import TrialState
@@ -352,6 +353,12 @@ class RunSummary:
     #: what was kept, or why the model stays dense (the tuner's ``verdict``)
     verdict: str | None = None
 
+    def __repr__(self) -> str:
+        # the storage only as it may be shown: a password never reaches a log or a notebook
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["storage"] = redact(self.storage)
+        return f"RunSummary({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     @property
     def speedup(self) -> float | None:
         """The confirmed speedup (median per-round ratio), else the ratio of the throughputs."""
@@ -394,7 +401,8 @@ class RunSummary:
 
     def dashboard_hint(self) -> str:
         if self.storage and "://" in self.storage:
-            return f"Browse the study: optuna-dashboard {redact(self.storage)}"
+            # quoted for a shell: a path may hold spaces, quotes or `$`
+            return f"Browse the study: optuna-dashboard {shlex.quote(str(redact(self.storage)))}"
         return "The study is in memory; pass storage='sqlite:///tune.db' to browse it with optuna-dashboard."
 
 

@@ -426,6 +426,9 @@ def open_rdb_storage(
         kwargs.update(
             {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period, key: retry}
         )
+    from sketchtune._sqlite_url import check_sqlite_path
+
+    check_sqlite_path(url)  # a path the URL parser would cut or decode
     _make_sqlite_folder(url)
     try:
         storage = _create_rdb_storage(url, kwargs)

@@ -520,7 +520,7 @@ class SKAutoTuner:
 
     def load_tuning_results(self, path: str | os.PathLike[str]) -> None:
         """Read results written by :meth:`save_tuning_results` (no code is executed)."""
-        loaded = read_results(path, layers=self._layout.dense.keys())
+        loaded = read_results(path, layers=self._layout.dense)
         self._records = loaded.records
         self.decision = loaded.decision
         self._judge.set_floor(loaded.floor)

@@ -143,6 +143,31 @@ def test_missing_monitor_lists_the_logged_metrics(trained: Classifier) -> None:
     assert not isinstance(trained.net[2], SKLinear)
 
 
+class StepLogged(Classifier):
+    """Logs the monitored metric per validation batch only."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        accuracy = (self(x).argmax(1) == y).float().mean()
+        self.log("val_acc", accuracy, on_step=True, on_epoch=False)
+        self.log_dict({"val_size": float(len(y))})
+
+
+def test_a_monitor_logged_per_step_only_is_explained() -> None:
+    seed_everything(0)
+    model = StepLogged()
+    model.load_state_dict(Classifier().state_dict())
+    cb = callback(run_on="validate")
+    with pytest.raises(
+        ValueError,
+        match=r"`monitor`='val_acc' is logged with on_step=True, on_epoch=False.*epoch metrics "
+        r"are \['val_size'\]\)\. Log it per epoch: self\.log\('val_acc', value, on_epoch=True\)",
+    ):
+        trainer(callbacks=[cb]).validate(model, DataModule(), verbose=False)
+    assert "log" not in vars(model)  # the module's own log() is back
+    assert not isinstance(model.net[2], SKLinear)
+
+
 def test_loggers_get_one_step_per_trial_and_the_plan(trained: Classifier, tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="run")
     cb = callback(run_on="validate")

@@ -4,6 +4,8 @@ accuracy reported is the accuracy of the model left behind."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from typing import Any
 
 import optuna
@@ -99,3 +101,71 @@ def test_validate_mode_fine_tuning_sets_up_the_training_split() -> None:
         model, StagedDataModule(), verbose=False
     )
     assert cb.best_plan and isinstance(model.net[2], SKLinear)
+
+
+class Watched(Classifier):
+    """Records what fine-tuning does: the batches it drew, and each optimizer step's gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[weakref.ref[torch.Tensor]] = []
+        self.calls = 0
+        self.calls_per_step: list[int] = []
+        self.grads_at_step: list[torch.Tensor] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.batches.append(weakref.ref(batch[0]))
+        self.calls += 1
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = torch.optim.SGD(self.parameters(), lr=LR)
+
+        def before_step(optimizer: torch.optim.Optimizer, *args: Any) -> None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+            self.grads_at_step.append(torch.cat([g.flatten() for g in grads if g is not None]))
+            self.calls_per_step.append(self.calls)
+            self.calls = 0
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+
+def _finetune(model: Watched, **trainer_kwargs: Any) -> None:
+    seed_everything(0)
+    model.load_state_dict(Classifier().state_dict())
+    cb = callback(
+        run_on="validate",
+        configs=LayerConfig(["net.2"], {"num_terms": 1, "low_rank": [4, 8, 16]}),
+        finetune_steps=STEPS,
+    )
+    trainer(callbacks=[cb], **trainer_kwargs).validate(model, DataModule(), verbose=False)
+    assert cb.best_plan and isinstance(model.net[2], SKLinear)
+
+
+def test_fine_tuning_keeps_no_training_batch_it_has_used() -> None:
+    model = Watched()
+    _finetune(model)  # 3 trials and the applied plan, 4 steps each: an epoch (16 batches)
+    assert len(model.batches) >= 16
+    gc.collect()
+    alive = [ref for ref in model.batches if ref() is not None]
+    assert len(alive) <= 1  # at most the batch the iterator is paused at
+
+
+def test_fine_tuning_accumulates_the_trainers_accumulate_grad_batches() -> None:
+    model = Watched()
+    _finetune(model, accumulate_grad_batches=3)
+    assert len(model.calls_per_step) >= 2 * STEPS
+    assert set(model.calls_per_step) == {3}  # three training_step calls per optimizer step
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fine_tuning_clips_gradients_as_the_trainer_says(algorithm: str) -> None:
+    model = Watched()
+    _finetune(model, gradient_clip_val=1e-4, gradient_clip_algorithm=algorithm)
+    assert len(model.grads_at_step) >= 2 * STEPS
+    for grads in model.grads_at_step:
+        if algorithm == "norm":
+            assert 0 < float(grads.norm()) <= 1e-4 * (1 + 1e-4)
+        else:
+            assert 0 < float(grads.abs().max()) <= 1e-4

@@ -123,3 +123,29 @@ def test_the_lent_hook_is_taken_back_after_an_error() -> None:
     with pytest.raises(ValueError, match=r"`monitor`='val_accuracy' was not logged"):
         trainer(callbacks=[cb]).validate(model, DataModule(), verbose=False)
     assert "on_load_checkpoint" not in vars(model)
+
+
+def _misplanned(tuned: Path, tmp_path: Path) -> Path:
+    """The tuned checkpoint with its plan edited: another rank than its weights were saved for."""
+    saved = torch.load(tuned, weights_only=False)
+    layer = saved[PLAN_CHECKPOINT_KEY]["layers"]["net.2"]
+    layer["params"]["low_rank"] = 2 if layer["params"]["low_rank"] != 2 else 4
+    path = tmp_path / "misplanned.ckpt"
+    torch.save(saved, path)
+    return path
+
+
+def test_a_checkpoint_whose_plan_misfits_its_weights_leaves_the_model_dense(
+    tuned: Path, tmp_path: Path
+) -> None:
+    path = _misplanned(tuned, tmp_path)
+    misfit = r"the checkpoint's sketch plan does not fit its weights: at 'net\.2' the plan builds"
+    model = Classifier()
+    with pytest.raises(ValueError, match=misfit + r".*the model is left as it was"):
+        SketchedModule.load_from_checkpoint(path, module=model)
+    assert type(model.net[2]) is torch.nn.Linear  # the caller's model, as it was given
+    fresh, cb = Classifier(), callback()
+    with pytest.raises(ValueError, match=misfit):
+        trainer(callbacks=[cb], max_epochs=2).fit(fresh, DataModule(), ckpt_path=path)
+    assert type(fresh.net[2]) is torch.nn.Linear and cb.applied_plan is None
+    assert "on_load_checkpoint" not in vars(fresh)  # the callback's hook was taken back

@@ -3,14 +3,17 @@ storage, bad storage URLs and output folders fail before training, failures rest
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
 
 from sketchtune import LayerConfig, SketchTuneCallback
+from sketchtune.nn import SKLinear
 from tests.lightning.boring import Classifier, DataModule
 
 SECRET = "hunter2@x"
@@ -27,17 +30,16 @@ def callback(**kw: Any) -> SketchTuneCallback:
 
 
 def trainer(cb: SketchTuneCallback, **kw: Any) -> Trainer:
-    return Trainer(
-        callbacks=[cb],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=2,
-        **kw,
-    )
+    settings: dict[str, Any] = {
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 2,
+    }
+    return Trainer(callbacks=[cb], **{**settings, **kw})
 
 
 class Counting(Classifier):
@@ -135,3 +137,51 @@ def test_the_summary_shows_the_confirmed_speedup() -> None:
         assert cb.summary.speedup == cb.best_speedup == cb.tuner.confirmation["speedup"]
     else:
         assert cb.summary.speedup is None and cb.best_speedup is None
+
+
+def test_the_dashboard_line_of_summary_md_is_shell_quoted(tmp_path: Path) -> None:
+    folder = tmp_path / "it's my $HOME"
+    folder.mkdir()
+    storage = f"sqlite:///{folder / 'tune.db'}"
+    cb = callback(storage=storage, output_dir=str(tmp_path / "out"), accuracy_threshold=0.0)
+    trainer(cb).fit(Classifier(width=32), DataModule())
+    line = (tmp_path / "out" / "summary.md").read_text().strip().splitlines()[-1]
+    prefix = "Browse the study: "
+    assert line.startswith(prefix)
+    assert shlex.split(line[len(prefix) :]) == ["optuna-dashboard", storage]
+
+
+def test_a_report_that_cannot_be_written_warns_and_the_result_is_kept(tmp_path: Path) -> None:
+    """A full disk (here: a folder where the report's file must go) while the report is written."""
+    out = tmp_path / "out"
+    (out / "results.csv").mkdir(parents=True)  # output_dir is writable; results.csv is not
+    log_dir = tmp_path / "logs" / "run" / "version_0"
+    (log_dir / "sketchtune_plan.json").mkdir(parents=True)
+    torch.manual_seed(0)
+    model = Classifier(width=32)
+    cb = callback(output_dir=str(out), accuracy_threshold=0.0)
+    t = trainer(cb, logger=CSVLogger(tmp_path / "logs", name="run", version=0))
+    with pytest.warns(UserWarning, match="could not write") as caught:
+        t.fit(model, DataModule())
+    unwritten = [str(w.message) for w in caught if "could not write" in str(w.message)]
+    assert len(unwritten) == 2
+    assert (
+        f"could not write '{out / 'results.csv'}' (Is a directory)" in unwritten[0] + unwritten[1]
+    )
+    assert f"'{log_dir / 'sketchtune_plan.json'}'" in unwritten[0] + unwritten[1]
+    assert "The result is kept" in unwritten[0]
+    # the model and the callback agree, and a checkpoint saved now carries the plan
+    assert cb.best_plan and cb.applied_plan == cb.best_plan and cb.summary is not None
+    assert isinstance(model.net[2], SKLinear)
+    path = tmp_path / "tuned.ckpt"
+    t.save_checkpoint(path)
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    fresh = Classifier(width=32)
+    # rebuilt from the checkpoint's plan by a Trainer with the callback (no new search)
+    again = callback(accuracy_threshold=0.0)
+    trainer(again, max_epochs=1, limit_train_batches=0).fit(fresh, DataModule(), ckpt_path=path)
+    assert isinstance(fresh.net[2], SKLinear) and again.applied_plan == cb.best_plan
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), expected)

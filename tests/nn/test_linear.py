@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -188,17 +190,19 @@ def test_inference_output_equals_the_training_path(
     bias: bool, num_terms: int, low_rank: int
 ) -> None:
     layer = _layer(bias, num_terms, low_rank)
-    x = torch.randn(2, 5, 16)
-    with torch.no_grad():
-        no_grad = layer(x)
-    with torch.inference_mode():
-        inference = layer(x)
-    expected = x @ layer.dense_weight().t() + (layer.bias.detach() if bias else 0)
-    for y in (no_grad, inference, _blockwise(layer, x)):
-        assert y.shape == (2, 5, 12) and y.is_contiguous()
-        torch.testing.assert_close(y, expected)
-    # rank 1 keeps the blockwise products at inference too: nothing cached
-    assert ("_fused" in layer.__dict__) == (num_terms * low_rank > 1)
+    kept = set(vars(layer))
+    # 10 rows: the narrow (blockwise) products; 128 rows: the concatenated factors for r > 1
+    for x in (torch.randn(2, 5, 16), torch.randn(4, 32, 16)):
+        with torch.no_grad():
+            no_grad = layer(x)
+        with torch.inference_mode():
+            inference = layer(x)
+        expected = x @ layer.dense_weight().t() + (layer.bias.detach() if bias else 0)
+        for y in (no_grad, inference, _blockwise(layer, x)):
+            assert y.shape == (*x.shape[:-1], 12) and y.is_contiguous()
+            torch.testing.assert_close(y, expected)
+    # nothing derived from the factors is kept between calls (so nothing can go stale)
+    assert set(vars(layer)) == kept
 
 
 def test_the_inference_cache_follows_every_change_of_the_factors() -> None:
@@ -262,10 +266,12 @@ def test_the_cache_is_not_copied_or_pickled_and_traces_follow_the_parameters() -
     import io
 
     layer = _layer().eval()
+    kept = set(vars(layer))
     x = torch.randn(3, 16)
     with torch.no_grad():
         layer(x)
-    assert "_fused" in layer.__dict__
+        layer(torch.randn(64, 16))  # the concatenating path
+    assert set(vars(layer)) == kept  # no derived copy of the factors to copy or pickle
     assert "_fused" not in copy.deepcopy(layer).__dict__
     buffer = io.BytesIO()
     torch.save(layer, buffer)
@@ -284,3 +290,79 @@ def test_a_meta_layer_runs_shapes_only_without_a_cache() -> None:
         y = layer(torch.empty(3, 16, device="meta"))
     assert y.shape == (3, 12) and y.is_meta
     assert "_fused" not in layer.__dict__
+
+
+# -- every way of changing the factors reaches the next inference call -----------------
+
+
+def _write_through_data(layer: SKLinear, other: SKLinear) -> None:
+    layer.S1.data.mul_(0.0)  # common in pruning and clipping: no version bump
+
+
+def _copy_through_data(layer: SKLinear, other: SKLinear) -> None:
+    layer.S2.data.copy_(other.S2)  # weight swap, EMA: no version bump
+
+
+def _assign_data(layer: SKLinear, other: SKLinear) -> None:
+    layer.S1.data = other.S1.detach().clone()  # a new storage under the same Parameter
+
+
+def _ema_every_tensor(layer: SKLinear, other: SKLinear) -> None:
+    for mine, theirs in zip(layer.state_dict().values(), other.state_dict().values(), strict=True):
+        mine.lerp_(theirs, 0.5)  # timm's ModelEmaV2 writes into state_dict() entries
+
+
+def _buffer_and_bias_through_data(layer: SKLinear, other: SKLinear) -> None:
+    layer.U1.data.mul_(-1.0)
+    assert layer.bias is not None
+    layer.bias.data.zero_()
+
+
+def _through_numpy(layer: SKLinear, other: SKLinear) -> None:
+    layer.S2.detach().numpy()[:] = 0.0  # a numpy view: torch never hears of it
+
+
+def _vector_to_parameters(layer: SKLinear, other: SKLinear) -> None:
+    vector = torch.nn.utils.parameters_to_vector(other.parameters())
+    torch.nn.utils.vector_to_parameters(vector, layer.parameters())  # sets param.data
+
+
+def _load_assign(layer: SKLinear, other: SKLinear) -> None:
+    layer.load_state_dict(other.state_dict(), assign=True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _write_through_data,
+        _copy_through_data,
+        _assign_data,
+        _ema_every_tensor,
+        _buffer_and_bias_through_data,
+        _through_numpy,
+        _vector_to_parameters,
+        _load_assign,
+    ],
+)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("rows", [3, 64])  # the blockwise and the concatenating path
+def test_inference_follows_every_change_of_the_factors(change: Any, mode: str, rows: int) -> None:
+    layer, other = _layer(), _layer(num_terms=2, low_rank=3)
+    with torch.no_grad():
+        for t in other.state_dict().values():
+            t.add_(torch.randn_like(t))  # other values, same shapes (r = 6)
+    x = torch.randn(rows, 16)
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context():
+        if rows == 64:  # what this case is about: the path that used to cache the factors
+            factors = (layer.S1, layer.S2, layer.U1, layer.U2)
+            assert layer._fuse(rows, factors)
+        before = layer(x).clone()
+    with torch.no_grad():
+        change(layer, other)
+    expected = x @ layer.dense_weight().t() + (layer.bias.detach() if layer.bias is not None else 0)
+    with context():
+        after = layer(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected)
+    torch.testing.assert_close(after, _blockwise(layer, x))

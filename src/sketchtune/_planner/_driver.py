@@ -107,7 +107,7 @@ class Planner:
         signature = _signature(spec, timed)
         stored = _stored(study, signature)
         if stored is not None:
-            return cls._from_stored(spec, stored, seed, refine)
+            return cls._from_stored(spec, stored, seed, refine, study.study_name)
         start = time.perf_counter()
         recorded = Recorded(
             calls=dict(judge.shapes.calls),
@@ -166,23 +166,37 @@ class Planner:
             study.set_user_attr(STUDY_ATTR, record)
             stored = _stored(study, signature)
         if stored is not None and _canonical(stored) != _canonical(record):
-            adopted = cls._from_stored(spec, stored, seed, refine)
+            adopted = cls._from_stored(spec, stored, seed, refine, study.study_name)
             adopted.prepare_seconds = planner.prepare_seconds
             return adopted
         return planner
 
     @classmethod
     def _from_stored(
-        cls, spec: StudySpec, stored: dict[str, Any], seed: int, refine: bool
+        cls, spec: StudySpec, stored: dict[str, Any], seed: int, refine: bool, study_name: str
     ) -> Planner:
-        options = [GroupOptions.from_dict(g) for g in stored["options"]]
-        kept = stored["frontier"]
-        frontier = Frontier(
-            tuple((int(g), int(c)) for g, c in kept["moves"]),
-            tuple(float(e) for e in kept["errors"]),
-            tuple(float(c) for c in kept["costs"]),
-        )
-        return cls(spec, options, frontier, stored["unit"], seed, refine, loaded=True)
+        """The planner of the record ``stored``; ``ValueError`` naming the study if it is damaged."""
+        try:
+            options = [GroupOptions.from_dict(g) for g in stored["options"]]
+            kept = stored["frontier"]
+            frontier = Frontier(
+                tuple((int(g), int(c)) for g, c in kept["moves"]),
+                tuple(float(e) for e in kept["errors"]),
+                tuple(float(c) for c in kept["costs"]),
+            )
+            unit = stored["unit"]
+            problem = _inconsistency(spec, options, frontier, unit)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            raise ValueError(
+                f"study {study_name!r} holds a damaged planner record (its user attribute "
+                f"{STUDY_ATTR!r}: {problem}), so its planned trials cannot be read. Continue in a "
+                "new study (another study_name), or clear the record to plan again: "
+                f"optuna.load_study(study_name={study_name!r}, storage=...)"
+                f".set_user_attr({STUDY_ATTR!r}, None)."
+            )
+        return cls(spec, options, frontier, unit, seed, refine, loaded=True)
 
     # -- plans ---------------------------------------------------------------------------
 
@@ -400,6 +414,26 @@ def _stored(study: optuna.Study, signature: str) -> dict[str, Any] | None:
     stored = study.user_attrs.get(STUDY_ATTR)
     if isinstance(stored, dict) and stored.get("signature") == signature:
         return stored
+    return None
+
+
+def _inconsistency(
+    spec: StudySpec, options: list[GroupOptions], frontier: Frontier, unit: Any
+) -> str | None:
+    """What makes a stored record unusable for ``spec``, or ``None``."""
+    if unit not in ("macs", "seconds"):
+        return f"unit {unit!r} is neither 'macs' nor 'seconds'"
+    keys = [o.key for o in options]
+    if keys != [g.key for g in spec.groups]:
+        return f"options for groups {keys}, the search has {[g.key for g in spec.groups]}"
+    if not len(frontier.costs) == len(frontier.errors) == len(frontier.moves) + 1:
+        return (
+            f"a frontier of {len(frontier.moves)} moves with {len(frontier.costs)} costs and "
+            f"{len(frontier.errors)} errors"
+        )
+    for group, candidate in frontier.moves:
+        if not (0 <= group < len(options) and 0 <= candidate < len(options[group].candidates)):
+            return f"a frontier move to group {group}, candidate {candidate}, which does not exist"
     return None
 
 

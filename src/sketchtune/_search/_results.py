@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -18,7 +18,11 @@ from sketchtune._search._studies import StudySpec
 from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.evaluate import AccuracyFloor
 from sketchtune.plan import SketchPlan
+from sketchtune.registry import kind_named
 from sketchtune.results import TrialRecord, json_ready, record_from_trial
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "LoadedResults",
@@ -118,11 +122,17 @@ def study_records(
 
 
 def read_results(
-    path: str | os.PathLike[str], *, layers: Collection[str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    layers: Collection[str] | Mapping[str, nn.Module] | None = None,
 ) -> LoadedResults:
     """Read a file written by :func:`write_results` (no code is executed).
 
-    With ``layers``, a best plan that sketches any other layer is refused.
+    With ``layers``, a best plan that sketches any other layer is refused; when
+    ``layers`` maps names to the dense modules, a best plan whose sketch would
+    store more values than the layer it replaces is refused too, as plan files
+    and checkpoints are (``apply_plan``'s ``bounded``): a file must not make us
+    allocate more than the model.
     """
     where = os.fspath(path)
     try:
@@ -158,6 +168,16 @@ def read_results(
                 f"{where} was made for another model: it sketches {missing}, which this model "
                 "lacks (or has already sketched)."
             )
+    if plan is not None and isinstance(layers, Mapping):
+        try:
+            for name, layer in plan.items():
+                kind_named(layer.type).check_size(
+                    layers[name], layer.params, where=f"{where}: best_plan[{name!r}]"
+                )
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} The file is damaged or was edited; re-run the tuning."
+            ) from None
     return LoadedResults(
         records=records,
         floor=floor,

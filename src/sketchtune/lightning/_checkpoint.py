@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from sketchtune.plan import SketchPlan, apply_plan
+from sketchtune.plan import SketchPlan, Swap, build_replacements
 from sketchtune.registry import is_sketched
 
 __all__ = [
@@ -52,16 +52,60 @@ def with_prefix(state: Mapping[str, Any], prefix: str = STATE_PREFIX) -> dict[st
     return {prefix + key: value for key, value in state.items()}
 
 
-def sketch_pending(model: nn.Module, plan: SketchPlan) -> int:
+def sketch_pending(
+    model: nn.Module, plan: SketchPlan, state: Mapping[str, Any] | None = None
+) -> int:
     """Sketch the layers of ``model`` that ``plan`` names and that are still dense.
+
+    Args:
+        model: the model to sketch, in place.
+        plan: the plan, e.g. a checkpoint's.
+        state: the checkpoint's weights (``state_dict``, bare or ``module.``-prefixed keys),
+            if any: each new layer must have exactly the tensors and shapes saved for it.
 
     Returns:
         How many layers were replaced (0 when the model is already sketched as planned).
+
+    Raises:
+        ValueError: the plan does not fit ``state`` (a checkpoint saved for another plan, or
+            edited); ``model`` is left as it was.
     """
     pending = {name: layer for name, layer in plan.items() if not _has_sketched(model, name)}
-    if pending:
-        apply_plan(model, SketchPlan(pending))
+    if not pending:
+        return 0
+    swap = Swap(model, build_replacements(model, SketchPlan(pending)))
+    swap.apply()
+    problem = _misfit(model, list(pending), state) if state else None
+    if problem is not None:
+        swap.restore()
+        raise ValueError(
+            f"the checkpoint's sketch plan does not fit its weights: {problem}. The checkpoint "
+            "was saved for another plan, or edited; the model is left as it was (dense there). "
+            "Load it with the plan it was saved with."
+        )
     return len(pending)
+
+
+def _misfit(model: nn.Module, names: list[str], state: Mapping[str, Any]) -> str | None:
+    """The first planned layer whose saved tensors differ from what the plan built, or ``None``."""
+    for name in names:
+        built = {k: tuple(v.shape) for k, v in model.get_submodule(name).state_dict().items()}
+        saved: dict[str, tuple[int, ...]] = {}
+        for prefix in (f"{name}.", f"{STATE_PREFIX}{name}."):
+            saved = {
+                key[len(prefix) :]: tuple(value.shape)
+                for key, value in state.items()
+                if key.startswith(prefix) and isinstance(value, torch.Tensor)
+            }
+            if saved:
+                break
+        if saved != built:
+            differ = sorted(k for k in set(built) | set(saved) if built.get(k) != saved.get(k))
+            shown = ", ".join(
+                f"{k} {built.get(k, 'none')} vs {saved.get(k, 'none')}" for k in differ
+            )
+            return f"at {name!r} the plan builds / the checkpoint holds: {shown}"
+    return None
 
 
 def drop_stale_optimizer_state(
@@ -157,7 +201,7 @@ class PlanLoader:
         if not plan:
             return
         dense = count_parameters(module)
-        if sketch_pending(module, plan):
+        if sketch_pending(module, plan, checkpoint.get("state_dict")):
             # the optimizer is restored next: its saved state may be the dense model's
             drop_dense_optimizer_state(checkpoint, dense, count_parameters(module))
         self.on_plan(plan)

@@ -7,6 +7,7 @@ never write checkpoints, log to the user's loggers or draw progress bars.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import time
@@ -104,12 +105,21 @@ class LightningEvaluator(Evaluator):
         trainer = self.trainer
         self.early_stop.arm(floor)
         trainer.callback_metrics.pop(self.monitor, None)
-        self.loop.run()
+        with _StepOnlyLogs(self.pl_module, self.monitor) as step_only:
+            self.loop.run()
         if self.early_stop.bound is not None:
             raise FloorUnreachable(self.early_stop.bound)
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
             available = sorted(k for k in metrics if not k.startswith("sketchtune/"))
+            if step_only.seen:
+                raise ValueError(
+                    f"`monitor`={self.monitor!r} is logged with on_step=True, on_epoch=False, so "
+                    "the validation loop keeps no value of it for the epoch (its epoch metrics "
+                    f"are {available}). Log it per epoch: self.log({self.monitor!r}, value, "
+                    "on_epoch=True) in validation_step (add on_step=True to keep the per-batch "
+                    "values too)."
+                )
             raise ValueError(
                 f"`monitor`={self.monitor!r} was not logged by the validation loop; the logged "
                 f"metrics are {available}. Log it in validation_step with "
@@ -197,8 +207,19 @@ class LightningEvaluator(Evaluator):
                 raise ValueError(
                     "speed measurement found no batches in the predict/validation dataloader."
                 )
+            batches = [self._as_predict_loop_does(b) for b in batches]
             self._batches = [self.trainer.strategy.batch_to_device(b) for b in batches]
         return self._batches
+
+    def _as_predict_loop_does(self, batch: Any) -> Any:
+        """``batch`` as Lightning's predict loop has it before the transfer to the device.
+
+        The precision plugin's input conversion (float64 under ``"64-true"``, bfloat16
+        under ``"bf16-true"``, ...), then the module's ``on_before_batch_transfer``; the
+        strategy's ``batch_to_device`` (and the module's transfer hooks) come next.
+        """
+        batch = self.trainer.precision_plugin.convert_input(batch)
+        return self.pl_module.on_before_batch_transfer(batch, 0)
 
     def _speed_loader(self) -> Any:
         trainer = self.trainer
@@ -241,6 +262,42 @@ class LightningEvaluator(Evaluator):
     def finish(self) -> None:
         if self.trainer.world_size > 1 and self.trainer.is_global_zero:
             self._broadcast(None)
+
+
+class _StepOnlyLogs:
+    """Notes whether the module logs ``monitor`` per step only, to explain a missing epoch value.
+
+    ``self.log(name, ..., on_step=True, on_epoch=False)`` in ``validation_step`` leaves
+    nothing in ``trainer.callback_metrics`` once the loop ends; the call itself is
+    the only place that says why. Calls go through unchanged.
+    """
+
+    def __init__(self, module: LightningModule, monitor: str) -> None:
+        self.module = module
+        self.monitor = monitor
+        self.seen = False
+        self._saved: Any = None
+
+    def __enter__(self) -> _StepOnlyLogs:
+        module, bound = self.module, self.module.log
+        self._saved = vars(module).get("log")
+        signature = inspect.signature(LightningModule.log)
+
+        def log(*args: Any, **kwargs: Any) -> None:
+            if (args[0] if args else kwargs.get("name")) == self.monitor:
+                given = signature.bind_partial(module, *args, **kwargs).arguments
+                if given.get("on_step") and given.get("on_epoch") is False:
+                    self.seen = True
+            bound(*args, **kwargs)
+
+        module.log = log  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is None:
+            vars(self.module).pop("log", None)
+        else:
+            vars(self.module)["log"] = self._saved
 
 
 def _datamodule(trainer: Trainer) -> Any:

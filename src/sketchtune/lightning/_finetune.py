@@ -26,7 +26,10 @@ class FineTuner:
     Lightning steps them: ``interval="step"`` schedulers every ``frequency``
     optimizer steps, ``interval="epoch"`` ones every ``frequency`` passes over the
     training batches, plateau schedulers with their monitored metric when it
-    has been logged.
+    has been logged. Each optimizer step follows the Trainer's settings as its
+    training loop does: ``accumulate_grad_batches`` batches (each loss divided by
+    that number), then ``configure_gradient_clipping`` with the Trainer's
+    ``gradient_clip_val`` and ``gradient_clip_algorithm``.
 
     Args:
         trainer: the Trainer whose strategy and precision the steps use.
@@ -47,6 +50,8 @@ class FineTuner:
         self.batches = batches
         self.epoch_length = max(1, epoch_length)
         self.steps = 0
+        self.batches_seen = 0
+        self.accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
         optimizers, self.schedulers = _init_optimizers_and_lr_schedulers(pl_module)
         if not optimizers or not isinstance(optimizers[0], torch.optim.Optimizer):
             raise TypeError(
@@ -87,28 +92,46 @@ class FineTuner:
 
     def _step(self, sketched: list[torch.nn.Module]) -> None:
         trainer = self.trainer
-        batch = trainer.strategy.batch_to_device(next(self.batches))
+        for _ in range(self.accumulate):
+            self._backward(self.batches_seen % self.epoch_length)
+            self.batches_seen += 1
+        if trainer.world_size > 1:
+            for p in (p for m in sketched for p in m.parameters()):
+                if p.grad is not None:
+                    p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")
+        # the user's hook, as Lightning calls it before each step (it clips with the
+        # precision plugin: gradient_clip_val=None or 0 clips nothing)
+        self.module.configure_gradient_clipping(
+            self.optimizer,
+            gradient_clip_val=trainer.gradient_clip_val,
+            gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        self._update_schedulers()
+
+    def _backward(self, batch_idx: int) -> None:
+        """One batch's ``training_step`` and backward pass (the loss scaled for accumulation)."""
+        trainer = self.trainer
+        # as Lightning's training loop prepares a batch: the precision's input dtype first
+        batch = trainer.precision_plugin.convert_input(next(self.batches))
+        batch = self.module.on_before_batch_transfer(batch, 0)
+        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
         with trainer.precision_plugin.train_step_context():
-            out = self.module.training_step(batch, self.steps % self.epoch_length)
+            out = self.module.training_step(batch, batch_idx)
         loss = out["loss"] if isinstance(out, dict) else out
         if not isinstance(loss, torch.Tensor):
             raise TypeError(
                 "finetune_steps needs training_step to return the loss (a tensor or a dict with "
                 f"'loss'), got {type(out).__name__}."
             )
-        loss.backward()
-        if trainer.world_size > 1:
-            for p in (p for m in sketched for p in m.parameters()):
-                if p.grad is not None:
-                    p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        self._update_schedulers()
+        (loss / self.accumulate if self.accumulate > 1 else loss).backward()
 
     def _update_schedulers(self) -> None:
-        epoch_end = self.steps % self.epoch_length == 0
-        epoch = self.steps // self.epoch_length
+        # an epoch is epoch_length batches; with accumulation one step draws several
+        epoch = self.batches_seen // self.epoch_length
+        epoch_end = epoch > (self.batches_seen - self.accumulate) // self.epoch_length
         for config in self.schedulers:
             if config.interval == "step":
                 due = self.steps % config.frequency == 0
@@ -125,7 +148,11 @@ class FineTuner:
 
 
 def training_batches(trainer: Trainer, pl_module: LightningModule) -> tuple[Iterator[Any], int]:
-    """An endless iterator of training batches, and how many batches make an epoch."""
+    """An endless iterator of training batches, and how many batches make an epoch.
+
+    Each epoch iterates the dataloader afresh (reshuffled, as Lightning's epochs
+    are) and nothing is kept: a batch is freed once its step is done.
+    """
     loader = trainer.train_dataloader
     if loader is None:
         datamodule = getattr(trainer, "datamodule", None)
@@ -143,12 +170,32 @@ def training_batches(trainer: Trainer, pl_module: LightningModule) -> tuple[Iter
             source.setup("fit")
             loader = source.train_dataloader()
     length = trainer.num_training_batches  # honours limit_train_batches after a fit
-    if not 0 < length < float("inf"):
+    limit: int | None = None
+    if 0 < length < float("inf"):
+        limit = int(length)
+    else:
         try:
-            length = len(iterate_source(loader))
+            length = limit = len(iterate_source(loader))
         except TypeError:
-            length = 1
-    return itertools.cycle(iterate(loader)), int(length)
+            length = 1  # an iterable dataset: each epoch runs until it ends
+    return _epochs(loader, limit), int(length)
+
+
+def _epochs(loader: Any, limit: int | None) -> Iterator[Any]:
+    """Batches of ``loader``, epoch after epoch (at most ``limit`` each), none of them kept.
+
+    ``itertools.cycle`` would keep every batch of the first epoch for replaying.
+    """
+    while True:
+        drawn = 0
+        for batch in itertools.islice(iterate(loader), limit):
+            drawn += 1
+            yield batch
+        if not drawn:
+            raise ValueError(
+                "finetune_steps > 0 needs training batches, but the training dataloader gave "
+                "none; give it data (and limit_train_batches > 0), or set finetune_steps=0."
+            )
 
 
 def iterate_source(loader: Any) -> Any:

@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -176,11 +176,14 @@ def log_outcome(
         logger.log_metrics(metrics, step=step)
         log_dir = getattr(logger, "log_dir", None)
         if isinstance(log_dir, str):
-            os.makedirs(log_dir, exist_ok=True)
-            plan.save(os.path.join(log_dir, "sketchtune_plan.json"))
-            write_text_atomic(
-                os.path.join(log_dir, "sketchtune_trials.csv"), results.to_csv(index=False)
-            )
+            path = os.path.join(log_dir, "sketchtune_plan.json")
+            try:
+                os.makedirs(log_dir, exist_ok=True)
+                plan.save(path)
+                path = os.path.join(log_dir, "sketchtune_trials.csv")
+                write_text_atomic(path, results.to_csv(index=False))
+            except OSError as exc:  # e.g. a full disk: the result is kept, the file is not
+                report_unwritten(path, exc)
         logger.save()
 
 
@@ -243,7 +246,23 @@ def summarize(
     )
     text = "sketchtune: dense vs tuned\n" + summary.table() + "\n" + summary.dashboard_hint()
     if output_dir is not None:
-        paths = write_report(output_dir, summary, tuner.records, floor=tuner.floor.value)
-        text += "\nWrote " + ", ".join(sorted(paths.values()))
+        try:
+            paths = write_report(output_dir, summary, tuner.records, floor=tuner.floor.value)
+        except OSError as exc:  # e.g. a full disk: the result is kept, the report is not
+            report_unwritten(os.fspath(output_dir), exc)
+        else:
+            text += "\nWrote " + ", ".join(sorted(paths.values()))
     rank_zero_info(text)
     return summary
+
+
+def report_unwritten(path: str, exc: OSError) -> None:
+    """One warning: ``path`` could not be written (and why); the result itself is kept."""
+    # os.replace names the temporary file first and the target second
+    where = exc.filename2 or exc.filename or path
+    rank_zero_warn(
+        f"sketchtune: could not write {os.fspath(where)!r} ({exc.strerror or exc}). The result "
+        "is kept: the plan is in the model and in the callback (best_plan, applied_plan, "
+        "summary), and checkpoints carry it. Free space or fix the folder, then save the plan "
+        "with callback.best_plan.save(path) if you need the file."
+    )

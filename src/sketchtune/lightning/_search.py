@@ -6,6 +6,7 @@ The callback's ``_search`` hook calls :func:`run_search` (as Lightning's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,11 +71,16 @@ def run_search(
     loop: _EvaluationLoop,
     search: OptunaSearch,
     log_step: int,
+    keep: Callable[[SearchResult], None],
 ) -> SearchResult:
     """Run ``cb``'s search with ``trainer``'s loops; apply the plan found if ``cb.apply_best``.
 
     With ``finetune_steps > 0`` the applied plan is fine-tuned once more, as its
     trial was, and the accuracy returned is that of the model left behind.
+    ``keep`` receives the result as soon as the plan is in the model and again
+    before any report file is written, so a failure after that (a full disk)
+    never leaves a sketched model whose callback does not know its plan; a report
+    that cannot be written is a warning.
     """
     evaluator = LightningEvaluator(
         trainer,
@@ -106,6 +112,28 @@ def run_search(
     progress = Progress(trainer, total) if trainer.is_global_zero else None
     log_trial = TrialLogger(loggers, start=log_step)
     dense_weights = count_weights(pl_module)
+    plan: SketchPlan = SketchPlan()
+    accuracy: float | None = None
+
+    def result(
+        results: pd.DataFrame | None = None,
+        dense_test: dict[str, float] | None = None,
+        tuned_test: dict[str, float] | None = None,
+    ) -> SearchResult:
+        return SearchResult(
+            tuner=tuner,
+            search=search,
+            plan=plan,
+            speedup=tuner.best_speedup,
+            accuracy=accuracy,
+            applied=cb.apply_best,
+            results=results,
+            summary=None,
+            next_log_step=log_trial.step + 1,
+            dense_test=dense_test,
+            tuned_test=tuned_test,
+        )
+
     state.detach(hooks=[evaluator.early_stop])
     try:
         if not has_validation_batches(loop):
@@ -126,6 +154,7 @@ def run_search(
             tuner.apply(plan)  # built as measured (activation statistics included)
             if isinstance(pl_module, SketchedModule):
                 pl_module.apply_plan(plan)  # its checkpoints carry the plan too
+            keep(result())  # the model holds the plan: so does the callback, whatever follows
             if cb.finetune_steps and plan:
                 accuracy = _finetune_applied(evaluator, tuner, accuracy)
         if dense_test is not None and plan:
@@ -138,9 +167,15 @@ def run_search(
         if progress is not None:
             progress.close()
         state.restore()
-    results = summary = None
+    found = result(
+        results=tuner.get_results_dataframe() if trainer.is_global_zero else None,
+        dense_test=dense_test,
+        tuned_test=tuned_test,
+    )
+    keep(found)  # before any file is written
     if trainer.is_global_zero:
-        results = tuner.get_results_dataframe()
+        results = found.results
+        assert results is not None
         log_outcome(
             tuner,
             search,
@@ -153,7 +188,7 @@ def run_search(
             loggers=loggers,
             step=log_trial.step,
         )
-        summary = summarize(
+        found.summary = summarize(
             tuner,
             search,
             results,
@@ -166,19 +201,7 @@ def run_search(
             output_dir=cb.output_dir,
         )
         log_test_metrics(dense_test, tuned_test, loggers=loggers, step=log_trial.step)
-    return SearchResult(
-        tuner=tuner,
-        search=search,
-        plan=plan,
-        speedup=tuner.best_speedup,
-        accuracy=accuracy,
-        applied=cb.apply_best,
-        results=results,
-        summary=summary,
-        next_log_step=log_trial.step + 1,
-        dense_test=dense_test,
-        tuned_test=tuned_test,
-    )
+    return found
 
 
 def test_metrics(trainer: Trainer) -> dict[str, float] | None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import optuna
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from sketchtune._modes import restore_modes, save_modes
@@ -27,7 +27,7 @@ from sketchtune.lightning._checkpoint import (
     PlanLoader,
     drop_stale_optimizer_state,
 )
-from sketchtune.lightning._search import run_search, tuned_module
+from sketchtune.lightning._search import SearchResult, run_search, tuned_module
 from sketchtune.lightning._trainer_state import (
     check_launcher,
 )
@@ -182,6 +182,16 @@ class SketchTuneCallback(Callback):
         self.sampler = sampler
         self.pruner = pruner
         self.storage = storage
+        if isinstance(storage, str) and redact(storage) != storage:
+            rank_zero_warn(
+                "sketchtune: `storage` holds a password. sketchtune shows and saves it as *** "
+                "(logs, checkpoints, summary.md, the sketchtune command's config.yaml), but a "
+                "plain LightningCLI's config.yaml, shell history and process lists keep it in "
+                "clear, and a config saved with *** cannot reconnect. Leave it out of the URL: "
+                "the PostgreSQL driver reads PGPASSWORD or ~/.pgpass, so "
+                f"storage={_without_password(storage)!r} with PGPASSWORD set connects.",
+                category=UserWarning,
+            )
         self.study_name = study_name
         self.strategy = check_choice(
             "strategy", strategy, ("global", "separate", "joint", "sampler")
@@ -381,9 +391,14 @@ class SketchTuneCallback(Callback):
                 loop,
                 self._search_settings(),
                 log_step=max(trainer.global_step, self._next_log_step),
+                keep=self._keep,
             )
         finally:
             self._searching = False
+        self._keep(found)  # now with the summary
+
+    def _keep(self, found: SearchResult) -> None:
+        """Hold what the search found; called as soon as the model holds the plan, and again."""
         self.tuner, self.study = found.tuner, found.search.study
         self.best_plan, self.best_speedup = found.plan, found.speedup
         self.best_accuracy, self.dense_accuracy = found.accuracy, found.tuner.dense_accuracy
@@ -392,6 +407,13 @@ class SketchTuneCallback(Callback):
         self._next_log_step = found.next_log_step
         if self.apply_best:
             self.applied_plan = found.plan  # possibly empty: checkpoints then say "dense"
+
+
+def _without_password(storage: str) -> str:
+    """``storage`` without its password (``user:***@`` and ``password=***`` dropped): what to write."""
+    head, qmark, query = str(redact(storage)).replace(":***@", "@", 1).partition("?")
+    kept = [part for part in query.split("&") if part and not part.endswith("=***")]
+    return head + (qmark + "&".join(kept) if kept else "")
 
 
 def _check_range(value: Any) -> tuple[float, float] | None:

@@ -170,7 +170,9 @@ class SketchedModule(LightningModule):
                 "SketchedModule), or load it into your dense model instead."
             )
         dense = count_parameters(self)
-        self.apply_plan(plan)
+        # checked against the weights before they load: a misfit leaves the module dense
+        sketch_pending(self.module, plan, checkpoint.get("state_dict"))
+        self.plan = plan
         # a resumed fit restores the optimizer next: its saved state may be the dense model's
         drop_dense_optimizer_state(checkpoint, dense, count_parameters(self))
         if checkpoint.get("state_dict"):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sketchtune._validation import check_bool, check_int
@@ -14,6 +12,11 @@ from sketchtune.nn import _sketch
 from sketchtune.nn._lowrank import InputCovariance, LowRankFactors
 
 __all__ = ["SKLinear"]
+
+#: the inference path concatenates the factors for ranks up to this ...
+_FUSED_MAX_RANK = 12
+#: ... and calls of at least this many rows per unit of rank (``benchmarks/layers.py``)
+_FUSED_ROWS_PER_RANK = 4
 
 
 class SKLinear(nn.Module):
@@ -36,11 +39,13 @@ class SKLinear(nn.Module):
     ``d_in d_out`` for the dense layer; no per-term loop, no temporary wider
     than ``2Lk``, and no dense ``d_in x d_out`` matrix is ever formed. Keeping
     the learnable and fixed blocks apart lets autograd skip the gradients of the
-    fixed blocks. At inference (no gradient to the factors) the layer instead
-    multiplies by the concatenated factors ``[S1 | U2]`` and ``[U1; S2] / (2L)``,
-    kept in a cache that follows every change of the factors: two products,
-    the folded form :func:`~sketchtune.export_plain` writes, much faster at
-    small ranks on CPU BLAS. Under ``torch.autocast`` the GEMMs run in the
+    fixed blocks. At inference (no gradient to the factors), for small ranks and
+    enough rows, the layer instead concatenates ``[S1 | U2]`` and ``[U1; S2]`` in
+    that call and multiplies by them: two wide products, the folded form
+    :func:`~sketchtune.export_plain` writes, faster on CPU BLAS. Nothing derived
+    from the factors is kept between calls, so every way of changing them (an
+    optimizer, ``load_state_dict``, in-place writes through ``.data``, a replaced
+    tensor) is seen by the next call. Under ``torch.autocast`` the GEMMs run in the
     autocast dtype, forward and backward, like ``nn.Linear``'s.
 
     Shapes of the stored tensors (``r = num_terms * low_rank``):
@@ -198,90 +203,55 @@ class SKLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         shape = input.shape
         x = input.reshape(-1, self.in_features)
-        fused = self._fused_factors()
-        if fused is not None:
-            # Inference: the two products of the folded form (export_plain's two Linears).
-            down, up = fused
-            h = F.linear(x, down)
-            y = torch.addmm(self.bias, h, up) if self.bias is not None else torch.mm(h, up)
-            return y.view((*shape[:-1], self.out_features))
-        h1 = torch.mm(x, self.S1)
-        h2 = torch.mm(x, self.U2)
-        s = self._scale
-        if self.bias is not None:
-            y, beta = torch.addmm(self.bias, h1, self.U1, alpha=s), 1.0
-        else:
-            y, beta = torch.mm(h1, self.U1), s
-        if y.dtype == h2.dtype == self.S2.dtype:
-            y = y.addmm_(h2, self.S2, beta=beta, alpha=s)  # accumulate in place, no temporary
-        else:
-            # Under autocast the products above ran in float16/bfloat16 while S2 is still
-            # float32; in-place ops are not autocast, the out-of-place one casts all three.
-            y = torch.addmm(y, h2, self.S2, beta=beta, alpha=s)
-        return y.view((*shape[:-1], self.out_features))
-
-    def _fused_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``([S1 | U2]^T, [U1; S2] / 2L)`` for inference, cached; ``None``: the blockwise path.
-
-        One ``(2r, d_in)`` and one ``(2r, d_out)`` product instead of four narrow
-        ones: at small ranks a ``(n, r) x (r, d_out)`` GEMM costs nearly as much as
-        ``r = 32`` (CPU BLAS), so fusing the halves measured 2.4-3.7x faster for
-        ``r`` from 2 to 12 and equal above (``benchmarks/layers.py``). The
-        blockwise path stays for training (no gradient for the fixed halves),
-        tracing and compilation (no Python-side state), inference tensors (no
-        version counter) and ``r = 1`` (where the narrow products hit BLAS's
-        matrix-vector kernels and are faster). The cache is rebuilt when any
-        factor changes: a new storage (a replaced tensor, ``.data`` or
-        ``load_state_dict(assign=True)``) or a new version (an in-place write,
-        ``load_state_dict``, an optimizer step); ``.to()`` and friends drop it.
-        About 1 us per call when it holds.
-        """
-        params, buffers = self._parameters, self._buffers  # plain dicts: no Module.__getattr__
+        # plain dicts, not Module.__getattr__: this runs on every call of a small layer
+        params, buffers, s = self._parameters, self._buffers, self._scale
         s1, s2, u1, u2 = cast(  # registered in __init__, never None
             "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
             (params["S1"], params["S2"], buffers["U1"], buffers["U2"]),
         )
-        if (
-            self.num_terms * self.low_rank == 1
-            or (
-                torch.is_grad_enabled()
-                and (s1.requires_grad or s2.requires_grad or u1.requires_grad or u2.requires_grad)
-            )
-            or torch.jit.is_tracing()  # type: ignore[attr-defined]
-            or torch.compiler.is_compiling()
-        ):
-            return None
-        try:
-            key = (
-                (s1.data_ptr(), s1._version),
-                (u2.data_ptr(), u2._version),
-                (u1.data_ptr(), u1._version),
-                (s2.data_ptr(), s2._version),
-            )
-        except RuntimeError:  # inference tensors keep no version counter
-            return None
-        cached = self.__dict__.get("_fused")
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        if s1.is_meta:
-            return None
-        with torch.inference_mode(False), torch.no_grad():
-            down = torch.cat([s1.t(), u2.t()])
-            up = torch.cat([u1, s2]) * self._scale
-        # the storages are held so that no other tensor can take their addresses meanwhile
-        storages = [t.untyped_storage() for t in (s1, u2, u1, s2)]
-        self.__dict__["_fused"] = (key, down, up, storages)
-        return down, up
+        bias = params.get("bias")
+        if self._fuse(x.shape[0], (s1, s2, u1, u2)):
+            # Inference: the two wide products of the folded form (export_plain's two Linears),
+            # on factors concatenated in this call, so that no copy of them can go stale.
+            h = torch.mm(x, torch.cat([s1, u2], dim=1))
+            up = torch.cat([u1, s2])
+            y = torch.addmm(bias, h, up, alpha=s) if bias is not None else torch.mm(h.mul_(s), up)
+            return y.view((*shape[:-1], self.out_features))
+        h1 = torch.mm(x, s1)
+        h2 = torch.mm(x, u2)
+        if bias is not None:
+            y, beta = torch.addmm(bias, h1, u1, alpha=s), 1.0
+        else:
+            y, beta = torch.mm(h1, u1), s
+        if y.dtype == h2.dtype == s2.dtype:
+            y = y.addmm_(h2, s2, beta=beta, alpha=s)  # accumulate in place, no temporary
+        else:
+            # Under autocast the products above ran in float16/bfloat16 while S2 is still
+            # float32; in-place ops are not autocast, the out-of-place one casts all three.
+            y = torch.addmm(y, h2, s2, beta=beta, alpha=s)
+        return y.view((*shape[:-1], self.out_features))
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> SKLinear:
-        self.__dict__.pop("_fused", None)  # .to()/.cpu()/.half(): free the old copies at once
-        super()._apply(fn, recurse)
-        return self
+    def _fuse(self, rows: int, factors: tuple[torch.Tensor, ...]) -> bool:
+        """Whether this call multiplies by the concatenated factors (else blockwise).
 
-    def __getstate__(self) -> dict[str, object]:
-        state = dict(super().__getstate__())
-        state.pop("_fused", None)  # derived; not pickled, not deep-copied
-        return state
+        Concatenating copies the factors, ``2r (d_in + d_out)`` values, in every
+        call; the two wide products save a pass over the input and one over the
+        output against the four narrow ones. On a 2-core CPU that paid for ranks
+        ``r = num_terms * low_rank`` from 2 to ``_FUSED_MAX_RANK`` in calls of at least
+        ``_FUSED_ROWS_PER_RANK * r`` rows (up to 2x over the narrow products at 256
+        rows); above that rank the narrow products are as fast, and ``r = 1`` hits
+        BLAS's faster matrix-vector kernels. A cached concatenation would save the
+        copy but goes stale when a factor is written through ``.data`` (no version
+        counter sees that); :func:`~sketchtune.export_plain` is the copy-free form
+        for deployment. Training (gradients for the factors), tracing and
+        compilation keep the blockwise products.
+        """
+        rank = self.num_terms * self.low_rank
+        if not 1 < rank <= _FUSED_MAX_RANK or rows < _FUSED_ROWS_PER_RANK * rank:
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in factors):
+            return False
+        return not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # type: ignore[attr-defined]
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
