@@ -765,6 +765,7 @@ def test_activation_init_gathers_input_statistics_once_per_layer_and_wins(mlp: M
                 calibration = tuner._aids[layer].calibration
                 assert calibration is not None
                 assert calibration.count == X.shape[0]  # one pass (the baseline), not one per trial
+                assert calibration.empty  # freed once factorized
             assert set(tuner._aids["fc1"].factors) == {"activation"}  # one factorization, reused
     assert results["activation"] >= results["svd"] > results["sketch"]
 

@@ -182,6 +182,12 @@ class Evaluator(ABC):
 
     #: whether ``throughput`` is implemented
     has_throughput: bool = False
+    #: called with a unit (``"batch"``) as an evaluation progresses; the tuner sets it
+    progress: Callable[[str], None] | None = None
+
+    def pass_batches(self) -> int | None:
+        """Batches one accuracy evaluation runs, when known (for progress displays)."""
+        return None
 
     @property
     def metric_name(self) -> str | None:

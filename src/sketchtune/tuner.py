@@ -22,7 +22,6 @@ the objective, timing and confirmation, choosing the kept plan; see its
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from torch import nn
 from sketchtune._planner import Planner
 from sketchtune._search._best import BestTracker, Decision, finish
 from sketchtune._search._builder import PlanBuilder
-from sketchtune._search._events import Events, Listener
+from sketchtune._search._events import Events, Listener, Phase
 from sketchtune._search._judge import Judge
 from sketchtune._search._kept import KeptTrial, record_kept
 from sketchtune._search._objective import (
@@ -43,20 +42,13 @@ from sketchtune._search._objective import (
     resume_hint,
     sigterm_as_interrupt,
 )
-from sketchtune._search._results import (
-    read_results,
-    seed_layer_results,
-    seed_results,
-    study_records,
-    write_results,
-)
+from sketchtune._search._outcome import TuningOutcome
 from sketchtune._search._resume import check_baseline, open_studies
 from sketchtune._search._strategies import observed_layers_for, run_search
 from sketchtune._search._studies import Strategy, StudyLayout, StudySpec, check_configs
-from sketchtune._validation import check_choice, check_int, check_seed, warn
+from sketchtune._validation import check_choice, check_float, check_int, check_seed, warn
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.evaluate import (
-    AccuracyFloor,
     Evaluator,
     Mode,
     check_floor_args,
@@ -65,7 +57,7 @@ from sketchtune.evaluate import (
 from sketchtune.nn import INITS
 from sketchtune.plan import SketchPlan, Swap, apply_plan, build_replacements
 from sketchtune.registry import BuildAids
-from sketchtune.results import TrialRecord, format_model_tree, records_dataframe
+from sketchtune.results import TrialRecord
 from sketchtune.search import OptunaSearch
 
 __all__ = ["SKAutoTuner", "check_configs"]
@@ -73,7 +65,7 @@ __all__ = ["SKAutoTuner", "check_configs"]
 SpeedSpec = Callable[[nn.Module], Any] | Literal["flops"] | None
 
 
-class SKAutoTuner:
+class SKAutoTuner(TuningOutcome):
     """Tunes the sketch parameters of selected layers with Optuna, keeping accuracy above a floor.
 
     Args:
@@ -105,6 +97,11 @@ class SKAutoTuner:
             (input statistics are then gathered once, during the dense baseline) or
             ``"sketch"`` (the seed's random-projection start, which on trained layers
             rarely keeps a floor: see the README's init table).
+        statistics_budget: the input statistics kept for a layer (``init="activation"``,
+            the planner's error predictions) may take this many times the layer's
+            weight bytes; a layer over it is planned from its weight's SVD alone, said
+            once. Layers with many inputs keep a streamed low-rank sketch sized by the
+            largest rank searched, not the full Gram (see :class:`InputCovariance`).
         optmization_eval_func: deprecated misspelling of ``optimization_eval_func``.
 
     Attributes:
@@ -163,6 +160,7 @@ class SKAutoTuner:
         seed: int | None = None,
         mode: Mode = "max",
         default_init: str = "svd",
+        statistics_budget: float = 4.0,
         optmization_eval_func: SpeedSpec = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -198,8 +196,13 @@ class SKAutoTuner:
         )
         self._studies: list[StudySpec] = self._layout.specs
         calibrate, capture = observed_layers_for(self.strategy, self._layout)
+        budget = check_float("statistics_budget", statistics_budget, minimum=0.0)
         self._builder = PlanBuilder(
-            self._layout.dense, self._layout.max_rank, calibrate, capture=capture
+            self._layout.dense,
+            self._layout.max_rank,
+            calibrate,
+            capture=capture,
+            statistics_budget=budget,
         )
         #: the planner of a ``strategy="global"`` search (options, frontier, timings) after tune()
         self.planner: Planner | None = None
@@ -233,16 +236,16 @@ class SKAutoTuner:
         return self._judge.speed_model
 
     @property
-    def floor(self) -> AccuracyFloor:
-        """The accuracy floor (resolved against the dense accuracy once it is measured)."""
-        return self._judge.floor
-
-    @property
     def _speed_kind(self) -> str | None:
         """``"flops"``, ``"measured"`` or ``None``: what a trial's speedup is."""
         if self.speed_model is not None:
             return self.speed_model
         return "measured" if self.evaluator.has_throughput else None
+
+    @property
+    def phases(self) -> list[Phase]:
+        """The phases of the last ``tune()`` (baseline, planner, trials, confirmation), timed."""
+        return list(self._events.finished)
 
     @property
     def study_labels(self) -> list[str]:
@@ -291,6 +294,8 @@ class SKAutoTuner:
             the kept plan leaves dense maps to ``{"params": None, ..., "score": -inf}``.
         """
         self._events = Events(verbose=self.verbose, listeners=listeners, trial_callbacks=callbacks)
+        self.evaluator.progress = lambda unit: self._events.advance(unit=unit)
+        self._judge.progress = lambda: self._events.advance(unit="round")
         self.interrupted = False
         search = self.search_algorithm
         search.start()
@@ -337,6 +342,8 @@ class SKAutoTuner:
                 self._finish(best)  # nothing more is measured once interrupted
         finally:
             self.evaluator.finish()
+            self.evaluator.progress = None
+            self._judge.progress = None
         return self.layer_results
 
     def follow(self) -> None:
@@ -349,7 +356,19 @@ class SKAutoTuner:
 
     def _baseline(self) -> None:
         """The dense accuracy (measured; on resume, compared with the study's record) and the floor."""
-        self.dense_accuracy = self._judge.dense_accuracy()
+        batches = self.evaluator.pass_batches()
+        with self._events.phase("baseline", batches or 1, "batch" if batches else "pass"):
+            self.dense_accuracy = self._judge.dense_accuracy()
+            self._events.advance(unit="pass")
+        over = self._builder.over_budget
+        if over:
+            shown = ", ".join(f"{n!r} ({b / 2**20:.0f} MiB)" for n, b in list(over.items())[:3])
+            self._events.note(
+                f"{len(over)} layer(s) would need input statistics above statistics_budget="
+                f"{self._builder.statistics_budget:g}x their weight bytes ({shown}"
+                f"{', ...' if len(over) > 3 else ''}); they are planned from their weights' "
+                "SVD, and init='activation' falls back to 'svd' for them."
+            )
         self._say(f"dense accuracy {self.dense_accuracy:.6g}")
         floor = self._judge.resolve_floor(
             self.dense_accuracy, threshold=self.accuracy_threshold, max_drop=self.max_accuracy_drop
@@ -361,6 +380,10 @@ class SKAutoTuner:
 
     def _finish(self, best: BestTracker) -> None:
         """Pick the best plan: the global winner, or the validated combination of per-study winners."""
+        with self._events.phase("confirmation", None, "round"):
+            self._decide(best)
+
+    def _decide(self, best: BestTracker) -> None:
         decision = finish(
             best,
             self._studies,
@@ -386,83 +409,6 @@ class SKAutoTuner:
             verdict=decision.verdict,
         )
 
-    # ------------------------------------------------------------------ results
-
-    @property
-    def best_plan(self) -> SketchPlan | None:
-        """The kept plan (``None`` before ``tune()``; empty when the model stays dense)."""
-        return None if self.decision is None else self.decision.plan
-
-    @property
-    def best_accuracy(self) -> float | None:
-        return None if self.decision is None else self.decision.accuracy
-
-    @property
-    def best_speedup(self) -> float | None:
-        """The kept plan's confirmed speedup (the FLOP model's figure with ``"flops"``)."""
-        return None if self.decision is None else self.decision.speedup
-
-    @property
-    def confirmation(self) -> dict[str, Any] | None:
-        return None if self.decision is None else self.decision.confirmation
-
-    @property
-    def combination_log(self) -> list[dict[str, Any]]:
-        return [] if self.decision is None else self.decision.combination_log
-
-    @property
-    def confirmation_log(self) -> list[dict[str, Any]]:
-        return [] if self.decision is None else self.decision.confirmation_log
-
-    @property
-    def verdict(self) -> str | None:
-        """One line: what the last tune() kept, or why the model stays dense."""
-        return None if self.decision is None else self.decision.verdict
-
-    @property
-    def best_params(self) -> dict[str, dict[str, Any]]:
-        """The seed's form, as :meth:`tune` returns it: ``{layer: {"params", ...}}``.
-
-        Every tuned layer is a key; ``best_params[layer]["params"]`` is the kept
-        ``{param: value}``, or ``None`` for a layer the kept plan leaves dense. Each entry
-        also holds ``copy_weights``, ``accuracy``, ``speed`` and ``score`` of the kept
-        plan, and ``trial``: Optuna's number of the trial that chose the layer's
-        parameters in its study (``None`` when left dense; the log shows ``trial + 1``).
-        :attr:`best_plan` holds the kept plan itself (``{layer: LayerPlan}``), and
-        :attr:`kept` the trial with its confirmed figures.
-        Empty before ``tune()``.
-        """
-        if self.best_plan is None:
-            return {}
-        return self.layer_results
-
-    @property
-    def layer_results(self) -> dict[str, dict[str, Any]]:
-        """What :meth:`tune` returns (:attr:`best_params`)."""
-        copy_weights = {name: g.copy_weights for g in self._layout.groups for name in g.names}
-        decision = self.decision or Decision(SketchPlan())
-        score = decision.speedup if decision.speedup is not None else decision.accuracy
-        kept = {"accuracy": decision.accuracy, "speed": decision.speed, "score": score}
-        results = seed_layer_results(list(copy_weights), decision.plan, kept)
-        for name, entry in results.items():
-            entry["copy_weights"] = copy_weights[name]
-            entry["trial"] = decision.layer_trials.get(name)
-        return results
-
-    @property
-    def results(self) -> dict[str, list[dict[str, Any]]]:
-        """The seed's record of trials: each study's label -> its trials, in step with the dataframe.
-
-        A label is the layer's name, ``"a+b+c"`` for a joint group (every member
-        named) or ``"global"``; each trial is ``{"params", "accuracy", "speed", "score"}``.
-        """
-        labels = {g.key: "+".join(g.names) for g in self._layout.groups}
-        return seed_results(self.records, labels)
-
-    def get_best_params(self) -> dict[str, dict[str, Any]]:
-        """Same as :attr:`best_params`."""
-        return self.best_params
-
     def apply_best_params(self) -> nn.Module:
         """Swap the best sketched layers into the model (in place) and return it."""
         if self.best_plan is None:
@@ -486,42 +432,3 @@ class SKAutoTuner:
     def replace_without_tuning(self) -> nn.Module:
         """Swap in every selected layer with the first value of each parameter space, untuned."""
         return apply_plan(self.model, self._layout.first_values_plan(), bounded=False)
-
-    @property
-    def records(self) -> list[TrialRecord]:
-        """Every trial of every study (including resumed ones), as rows of the results table."""
-        if self._records is None:
-            self._records = study_records(self._studies, self._optuna_studies, self.floor)
-        return self._records
-
-    def get_results_dataframe(self) -> Any:
-        """A pandas DataFrame, one row per trial.
-
-        Columns: ``layer_name``, one per parameter, ``accuracy``, ``speed``,
-        ``speedup``, ``score`` (``-inf`` when infeasible), ``feasible``,
-        ``trial``, ``state``, ``duration`` (seconds) and ``reason`` (why a trial failed).
-        """
-        return records_dataframe(self.records)
-
-    def print_model_tree(self) -> None:
-        """Print the model with its sketched layers marked."""
-        print(format_model_tree(self.model))
-
-    def save_tuning_results(self, path: str | os.PathLike[str]) -> None:
-        """Write the results (every trial, the floor, the best plan) as JSON (never pickle)."""
-        write_results(
-            path,
-            strategy=self.strategy,
-            dense_accuracy=self.dense_accuracy,
-            floor=self.floor,
-            records=self.records,
-            decision=self.decision,
-        )
-
-    def load_tuning_results(self, path: str | os.PathLike[str]) -> None:
-        """Read results written by :meth:`save_tuning_results` (no code is executed)."""
-        loaded = read_results(path, layers=self._layout.dense)
-        self._records = loaded.records
-        self.decision = loaded.decision
-        self._judge.set_floor(loaded.floor)
-        self.dense_accuracy = loaded.dense_accuracy

@@ -138,7 +138,7 @@ def test_input_covariance_matches_the_data_and_merges() -> None:
     torch.testing.assert_close(a.matrix(), x.t() @ x / 50)
     conv_cov = InputCovariance(2 * 4)
     images = torch.randn(3, 2, 5, 5)
-    conv_cov.update_conv(images, (2, 2), (1, 1), (0, 0), (1, 1), chunk=2)
+    conv_cov.update_conv(images, (2, 2), (1, 1), (0, 0), (1, 1), chunk_bytes=1024)  # 2 images
     patches = F.unfold(images, 2).transpose(1, 2).reshape(-1, 8).double()
     torch.testing.assert_close(conv_cov.matrix(), patches.t() @ patches / patches.shape[0])
 

@@ -26,28 +26,26 @@ study's user attributes (:data:`STUDY_ATTR`) and never recomputed for it.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sketchtune._planner._frontier import Frontier, allocate
-from sketchtune._planner._options import GroupOptions, Recorded, group_options
+from sketchtune._planner._frontier import Frontier
+from sketchtune._planner._options import GroupOptions
+from sketchtune._planner._prepare import STUDY_ATTR, prepare
 from sketchtune._search._builder import PlanBuilder
 from sketchtune._search._judge import Judge
 from sketchtune._search._studies import ENABLED, StudyLayout, StudySpec
 from sketchtune._search._trialinfo import TrialInfo
+from sketchtune.evaluate import AccuracyFloor
 
 __all__ = ["STUDY_ATTR", "TAG", "Planner", "Proposal"]
 
-#: study user attribute holding the options and the frontier
-STUDY_ATTR = "sketchtune:planner"
 #: trial user attribute of a planner trial
 TAG = "sketchtune:planned"
 
@@ -83,6 +81,7 @@ class Planner:
     seed: int
     refine: bool
     loaded: bool = False
+    floor: AccuracyFloor = field(default_factory=lambda: AccuracyFloor(None))
     prepare_seconds: float = 0.0
     allocate_seconds: float = 0.0
     propose_seconds: float = 0.0
@@ -101,102 +100,26 @@ class Planner:
         *,
         seed: int,
         refine: bool,
+        progress: Callable[[], None] | None = None,
     ) -> Planner:
-        """Load the planner's data from ``study`` or compute it (and store it there)."""
-        timed = judge.speed_model is None and judge.evaluator.has_throughput
-        signature = _signature(spec, timed)
-        stored = _stored(study, signature)
-        if stored is not None:
-            return cls._from_stored(spec, stored, seed, refine, study.study_name)
-        start = time.perf_counter()
-        recorded = Recorded(
-            calls=dict(judge.shapes.calls),
-            covariance={
-                n: a.calibration for n, a in builder.aids.items() if a.calibration is not None
-            },
-            samples=builder.samples,
+        """Load the planner's data from ``study`` or compute it (and store it there).
+
+        ``progress`` is called after each group is priced.
+        """
+        prepared = prepare(spec, study, layout, judge, builder, progress=progress)
+        planner = cls(
+            spec,
+            prepared.options,
+            prepared.frontier,
+            prepared.unit,
+            seed,
+            refine,
+            loaded=prepared.loaded,
+            floor=judge.floor,
         )
-        if timed and any(
-            n not in recorded.samples and not recorded.calls.get(n)
-            for g in spec.groups
-            for n in g.names
-        ):
-            timed = False  # a layer was never called with a recorded shape: price MACs
-
-        def price(timed: bool) -> list[GroupOptions]:
-            return [
-                group_options(
-                    group,
-                    layout.dense,
-                    recorded,
-                    builder.build,
-                    lambda params, g=group: layout.plan_from([g], {g.key: params}),  # type: ignore[misc]
-                    timed=timed,
-                )
-                for group in spec.groups
-            ]
-
-        options = price(timed)
-        if timed and not all(o.steady for o in options):
-            # The machine is too busy for layer timings to mean anything (a dense layer
-            # timed twice disagreed by more than 1.5x): plan with multiply-adds; the
-            # trials and the confirmation still measure real speed.
-            timed = False
-            options = price(False)
-        prepared = time.perf_counter()
-        frontier = allocate(options)
-        planner = cls(spec, options, frontier, "seconds" if timed else "macs", seed, refine)
-        planner.prepare_seconds = prepared - start
-        planner.allocate_seconds = time.perf_counter() - prepared
-        record = {
-            "signature": signature,
-            "unit": planner.unit,
-            "options": [o.to_dict() for o in options],
-            "frontier": {
-                "moves": [list(m) for m in frontier.moves],
-                "errors": list(frontier.errors),
-                "costs": list(frontier.costs),
-            },
-        }
-        # Workers sharing the study must read each other's trial tags (frontier points,
-        # candidate indices) against the same options: one that started at the same time
-        # and stored first wins, and so does one whose write landed just after this one.
-        stored = _stored(study, signature)
-        if stored is None:
-            study.set_user_attr(STUDY_ATTR, record)
-            stored = _stored(study, signature)
-        if stored is not None and _canonical(stored) != _canonical(record):
-            adopted = cls._from_stored(spec, stored, seed, refine, study.study_name)
-            adopted.prepare_seconds = planner.prepare_seconds
-            return adopted
+        planner.prepare_seconds = prepared.prepare_seconds
+        planner.allocate_seconds = prepared.allocate_seconds
         return planner
-
-    @classmethod
-    def _from_stored(
-        cls, spec: StudySpec, stored: dict[str, Any], seed: int, refine: bool, study_name: str
-    ) -> Planner:
-        """The planner of the record ``stored``; ``ValueError`` naming the study if it is damaged."""
-        try:
-            options = [GroupOptions.from_dict(g) for g in stored["options"]]
-            kept = stored["frontier"]
-            frontier = Frontier(
-                tuple((int(g), int(c)) for g, c in kept["moves"]),
-                tuple(float(e) for e in kept["errors"]),
-                tuple(float(c) for c in kept["costs"]),
-            )
-            unit = stored["unit"]
-            problem = _inconsistency(spec, options, frontier, unit)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        if problem is not None:
-            raise ValueError(
-                f"study {study_name!r} holds a damaged planner record (its user attribute "
-                f"{STUDY_ATTR!r}: {problem}), so its planned trials cannot be read. Continue in a "
-                "new study (another study_name), or clear the record to plan again: "
-                f"optuna.load_study(study_name={study_name!r}, storage=...)"
-                f".set_user_attr({STUDY_ATTR!r}, None)."
-            )
-        return cls(spec, options, frontier, unit, seed, refine, loaded=True)
 
     # -- plans ---------------------------------------------------------------------------
 
@@ -240,10 +163,14 @@ class Planner:
         finished = [(t, tag) for t, tag in planned if _finished(t)]
         lo, hi = 0, points
         for t, tag in finished:
-            if tag.get("phase") == "frontier" and _feasible(t):
+            if tag.get("phase") == "frontier" and _feasible(t, self.floor):
                 lo = max(lo, int(tag["point"]))
         for t, tag in finished:
-            if tag.get("phase") == "frontier" and not _feasible(t) and int(tag["point"]) > lo:
+            if (
+                tag.get("phase") == "frontier"
+                and not _feasible(t, self.floor)
+                and int(tag["point"]) > lo
+            ):
                 hi = min(hi, int(tag["point"]))
         if hi - lo > 1:
             point = _next_point(lo, hi, planned)
@@ -272,12 +199,12 @@ class Planner:
         kept = {
             tag.get("point")
             for t, tag in finished
-            if tag.get("phase") == "frontier" and _feasible(t)
+            if tag.get("phase") == "frontier" and _feasible(t, self.floor)
         }
         for t, tag in sorted(finished, key=lambda p: p[0].number):
             # the measured speedup ranks the planner's own trials (the FLOP model's figure
             # under speed="flops"); the predicted one when speed is not measured at all
-            score = _score(t, self.predicted_speedup(tag["choice"]))
+            score = _score(t, self.predicted_speedup(tag["choice"]), self.floor)
             boundary = tag.get("phase") != "frontier" or tag.get("point", 0) - 1 in kept
             if score is None and boundary:  # a frontier point past the boundary proves little
                 for g in tag.get("moved") or ():
@@ -397,55 +324,19 @@ def _finished(trial: FrozenTrial) -> bool:
     )
 
 
-def _feasible(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.COMPLETE and bool(TrialInfo.of(trial).feasible)
+def _feasible(trial: FrozenTrial, floor: AccuracyFloor) -> bool:
+    """Whether ``trial`` keeps today's ``floor`` (re-judged from its stored accuracy)."""
+    if trial.state != TrialState.COMPLETE:
+        return False
+    info = TrialInfo.of(trial)
+    if info.accuracy is None or info.early_stop:
+        return bool(info.feasible)
+    return floor.feasible(info.accuracy)
 
 
-def _score(trial: FrozenTrial, predicted: float) -> float | None:
+def _score(trial: FrozenTrial, predicted: float, floor: AccuracyFloor) -> float | None:
     """A feasible trial's speedup: measured (or the FLOP model's), else ``predicted``."""
-    if not _feasible(trial):
+    if not _feasible(trial, floor):
         return None
     speedup = TrialInfo.of(trial).speedup
     return predicted if speedup is None else float(speedup)
-
-
-def _stored(study: optuna.Study, signature: str) -> dict[str, Any] | None:
-    """The planner data stored in ``study`` for this search (read from the storage now)."""
-    stored = study.user_attrs.get(STUDY_ATTR)
-    if isinstance(stored, dict) and stored.get("signature") == signature:
-        return stored
-    return None
-
-
-def _inconsistency(
-    spec: StudySpec, options: list[GroupOptions], frontier: Frontier, unit: Any
-) -> str | None:
-    """What makes a stored record unusable for ``spec``, or ``None``."""
-    if unit not in ("macs", "seconds"):
-        return f"unit {unit!r} is neither 'macs' nor 'seconds'"
-    keys = [o.key for o in options]
-    if keys != [g.key for g in spec.groups]:
-        return f"options for groups {keys}, the search has {[g.key for g in spec.groups]}"
-    if not len(frontier.costs) == len(frontier.errors) == len(frontier.moves) + 1:
-        return (
-            f"a frontier of {len(frontier.moves)} moves with {len(frontier.costs)} costs and "
-            f"{len(frontier.errors)} errors"
-        )
-    for group, candidate in frontier.moves:
-        if not (0 <= group < len(options) and 0 <= candidate < len(options[group].candidates)):
-            return f"a frontier move to group {group}, candidate {candidate}, which does not exist"
-    return None
-
-
-def _canonical(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True)
-
-
-def _signature(spec: StudySpec, timed: bool) -> str:
-    """What the stored options depend on: the groups, their spaces and the cost unit."""
-    described = [
-        [g.key, g.names, g.kind.name, {k: repr(v) for k, v in g.space.items()}, g.copy_weights]
-        for g in spec.groups
-    ]
-    text = json.dumps([described, timed], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

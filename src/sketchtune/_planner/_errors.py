@@ -46,10 +46,12 @@ def closed_form_errors(
     w = weight_t.detach().to(dtype)
     d_in, d_out = w.shape
     k = min(d_in, d_out)
-    if covariance is None or covariance.gram is None or covariance.count == 0:
+    if covariance is None or covariance.empty:
         gram = w.t() @ w if d_out <= d_in else w @ w.t()
         plain = _tails(_top_eigenvalues(gram, k))
         return {"svd": plain, "activation": plain}
+    if covariance.width is not None:
+        return _sketched_errors(w.to(torch.float64), covariance, ridge)
     cov = covariance.matrix().to(device=w.device, dtype=dtype)
     # svd: the tail energies s_i^2 weighted by u_i^T C u_i, the input energy along the
     # weight's i-th singular direction on the input side (u_i: left singular vector of W^T)
@@ -74,6 +76,28 @@ def closed_form_errors(
         weighted = chol.t() @ (w @ w.t()) @ chol
     activation = _tails(_top_eigenvalues(weighted, k))
     # the activation-aware truncation is never worse on these inputs than the plain one
+    return {"svd": svd, "activation": [min(a, b) for a, b in zip(activation, svd, strict=True)]}
+
+
+def _sketched_errors(
+    w: torch.Tensor, covariance: InputCovariance, ridge: float
+) -> dict[str, list[float]]:
+    """:func:`closed_form_errors` with a sketched covariance (applied, never formed)."""
+    d_in, d_out = w.shape
+    k = min(d_in, d_out)
+    if d_in <= d_out:
+        energy, u = torch.linalg.eigh(w @ w.t())
+        energy, u = energy.flip(0)[:k].clamp_min(0), u.flip(1)[:, :k]
+    else:
+        energy, v = torch.linalg.eigh(w.t() @ w)
+        energy, v = energy.flip(0)[:k].clamp_min(0), v.flip(1)[:, :k]
+        u = (w @ v) / energy.sqrt().clamp_min(torch.finfo(w.dtype).tiny)
+    along = (covariance.apply(u) * u).sum(0)
+    svd = _tails(energy * along)
+    jitter = ridge * max(covariance.mean_eigenvalue, 1e-12)
+    rooted = covariance.root_apply(w, jitter, 0.5)  # (C + jitter I)^{1/2} W^T
+    gram = rooted.t() @ rooted if d_out <= d_in else rooted @ rooted.t()
+    activation = _tails(_top_eigenvalues(gram, k))
     return {"svd": svd, "activation": [min(a, b) for a, b in zip(activation, svd, strict=True)]}
 
 

@@ -38,6 +38,8 @@ __all__ = [
     "Recorded",
     "candidate_params",
     "closed_form_errors",
+    "dense_macs",
+    "estimate_from_macs",
     "observed_layers",
 ]
 
@@ -64,6 +66,7 @@ class GroupOptions:
     dense_cost: float
     candidates: tuple[Candidate, ...]
     steady: bool = True  # timed costs: the dense layer timed the same before and after
+    estimated: bool = False  # costs are multiply-adds at the steady layers' seconds per MAC
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,6 +200,39 @@ def group_options(
             steady = steady and max(again, first) <= _STEADY * min(again, first)
     kept = tuple(c for c in candidates if c.cost < dense_cost)
     return GroupOptions(group.key, dense_cost, kept, steady)
+
+
+def dense_macs(group: Group, dense: dict[str, nn.Module], recorded: Recorded) -> float:
+    """Multiply-adds of the group's dense layers over their recorded calls."""
+    return sum(
+        group.kind.dense_macs(dense[n], c) for n in group.names for c in recorded_calls(recorded, n)
+    )
+
+
+def estimate_from_macs(
+    option: GroupOptions,
+    group: Group,
+    dense: dict[str, nn.Module],
+    recorded: Recorded,
+    seconds_per_mac: float,
+) -> GroupOptions:
+    """``option`` with its timed costs replaced by multiply-adds at ``seconds_per_mac``.
+
+    For a group whose timing stayed unsteady: its errors stand, its costs come from
+    the rate the steady groups were timed at, so every cost keeps one unit.
+    """
+    dense_cost = seconds_per_mac * dense_macs(group, dense, recorded)
+    candidates = [
+        Candidate(
+            c.params,
+            c.error,
+            seconds_per_mac
+            * sum(sketch_macs(group, n, dense, recorded, c.params) for n in group.names),
+        )
+        for c in option.candidates
+    ]
+    kept = tuple(c for c in candidates if c.cost < dense_cost)
+    return GroupOptions(option.key, dense_cost, kept, steady=True, estimated=True)
 
 
 def _monotone_costs(candidates: list[Candidate]) -> list[Candidate]:

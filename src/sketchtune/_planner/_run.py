@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from sketchtune._planner._driver import TAG, Planner
 from sketchtune._search._best import BestTracker
@@ -44,14 +46,29 @@ def run_planned_study(
     objective = make_objective(spec, layout, judge, search, dense_accuracy, best)
     reporter = make_reporter(spec, best, judge, n_trials=search.n_trials, events=events)
     if isinstance(search.sampler, optuna.samplers.GridSampler):
-        search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
+        with events.phase("trials", search.remaining(study.get_trials(deepcopy=False)), "trial"):
+            search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
         return None
-    planner = Planner.for_study(
-        spec, study, layout, judge, builder, seed=seed, refine=search.uses_default_sampler
-    )
+    with events.phase("planner", len(spec.groups), "layer"):
+        planner = Planner.for_study(
+            spec,
+            study,
+            layout,
+            judge,
+            builder,
+            seed=seed,
+            refine=search.uses_default_sampler,
+            progress=lambda: events.advance(unit="layer"),
+        )
     source = (
         "stored in the study" if planner.loaded else f"prepared in {planner.prepare_seconds:.2f} s"
     )
+    estimated = sum(o.estimated for o in planner.options)
+    if estimated:
+        source += (
+            f"; {estimated} group(s) timed unsteadily twice, priced from multiply-adds at the "
+            "others' seconds per multiply-add"
+        )
     events.say(
         f"[{spec.label}] planner: {len(planner.options)} layer group(s), "
         f"{sum(len(o.candidates) for o in planner.options)} candidates ({planner.unit}, {source}), "
@@ -59,6 +76,21 @@ def run_planned_study(
         f"{planner.frontier.costs[0] / max(planner.frontier.costs[-1], 1e-30):.2f}x predicted, "
         f"allocated in {planner.allocate_seconds * 1000:.1f} ms"
     )
+    with events.phase("trials", search.remaining(study.get_trials(deepcopy=False)), "trial"):
+        _run_trials(study, planner, objective, reporter, search, deadline, catch)
+    return planner
+
+
+def _run_trials(
+    study: optuna.Study,
+    planner: Planner,
+    objective: Callable[[optuna.Trial], float],
+    reporter: Callable[[optuna.Study, FrozenTrial], None],
+    search: OptunaSearch,
+    deadline: float | None,
+    catch: tuple[type[Exception], ...],
+) -> None:
+    """The planner's proposals as real trials, then the sampler takes what budget is left."""
     while True:
         search.snapshot = study.get_trials(deepcopy=False)
         left = search.remaining(search.snapshot)
@@ -77,4 +109,3 @@ def run_planned_study(
         )
     # the sampler takes whatever budget is left (and waits for other workers' running trials)
     search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
-    return planner

@@ -1,17 +1,22 @@
 """Plan building: sketched modules for a plan, reused across trials, with calibration.
 
 Building a sketched layer costs random draws and, for ``init="svd"`` /
-``"activation"``, a factorization of the dense weight. The builder keeps the
-modules of recent trials (reused while nothing has trained them), one nested
-factorization per layer and init (computed once for the largest rank the
-search can ask for), and the input statistics gathered for ``"activation"``.
+``"activation"``, a factorization of the dense weight. The builder keeps each
+layer's latest sketch (reused by the next trial that asks for the same, while
+nothing has trained it; never more than one per layer), one nested factorization
+per layer and init (computed once for the largest rank the search can ask for,
+kept in the weight's dtype), and the input statistics gathered for
+``"activation"`` and the planner, freed once factorized. A layer whose statistics
+would exceed ``statistics_budget`` times its weight bytes is planned from its
+weight alone (:attr:`PlanBuilder.over_budget`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,30 +47,38 @@ class PlanBuilder:
         max_rank: Callable[[str], int],
         calibrate: list[str],
         capture: list[str] | None = None,
+        *,
+        statistics_budget: float = 4.0,
     ) -> None:
         self.dense = dense
         self._max_rank = max_rank
         self.calibrate = calibrate
         self.capture = list(capture or [])
+        self.statistics_budget = statistics_budget
+        #: layers planned from their weight alone: their statistics would exceed the budget
+        self.over_budget: dict[str, int] = {}
+        #: keep gathered statistics after a factorization (the planner still reads them)
+        self.keep_statistics = False
+        self._kinds: dict[str, SketchKind] = {}
+        self._copies: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
         #: the first call's arguments of each layer in ``capture`` (the planner replays them)
         self.samples: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.aids: dict[str, BuildAids] = {}
         self.calibrated = False
-        self._cache: OrderedDict[tuple[str, tuple[Any, ...]], tuple[nn.Module, list[int]]] = (
-            OrderedDict()
-        )
+        #: each layer's most recently built sketch: a plan's modules, no more
+        self._cache: dict[str, tuple[tuple[Any, ...], nn.Module, list[int]]] = {}
 
     def build(self, plan: SketchPlan) -> dict[str, nn.Module]:
         """Sketched modules for ``plan``, reused from earlier trials when untouched since."""
         built: dict[str, nn.Module] = {}
         for name, layer in plan.items():
-            key = (name, _hashable(layer))
-            cached = self._cache.get(key)
-            if cached is not None and cached[1] == _versions(cached[0]):
-                self._cache.move_to_end(key)
-                module = cached[0]
+            key = _hashable(layer)
+            cached = self._cache.get(name)
+            if cached is not None and cached[0] == key and cached[2] == _versions(cached[1]):
+                module = cached[1]
                 module.train(self.dense[name].training)
             else:
+                self._cache.pop(name, None)  # free the old sketch before building the new one
                 with warnings.catch_warnings():
                     # costly values were reported once, when the space was checked
                     warnings.filterwarnings(
@@ -78,9 +91,7 @@ class PlanBuilder:
                         layer.copy_weights,
                         self._aids_for(name, layer),
                     )
-                self._cache[key] = (module, _versions(module))
-                while len(self._cache) > max(8, 2 * len(self.dense)):
-                    self._cache.popitem(last=False)
+                self._cache[name] = (key, module, _versions(module))
             built[name] = module
         return built
 
@@ -89,15 +100,43 @@ class PlanBuilder:
         aids = self.aids.setdefault(name, BuildAids())
         init = layer.params.get("init", "sketch")
         if init in ("svd", "activation") and layer.copy_weights and init not in aids.factors:
-            if init == "activation" and aids.calibration is None:
+            if init == "activation" and (aids.calibration is None or aids.calibration.empty):
                 return aids  # not gathered (results loaded from a file): the kind falls back to svd
             weight_t = kind_named(layer.type).weight_matrix(self.dense[name]).detach()
-            aids.factors[init] = LowRankFactors.compute(
-                weight_t,
-                self._max_rank(name),
-                calibration=aids.calibration if init == "activation" else None,
+            aids.factors[init] = _in_dtype(
+                LowRankFactors.compute(
+                    weight_t,
+                    self._max_rank(name),
+                    calibration=aids.calibration if init == "activation" else None,
+                ),
+                weight_t.dtype,
             )
+            if init == "activation" and not self.keep_statistics:
+                self.release_statistics([name])
         return aids
+
+    def release_statistics(
+        self, names: Collection[str] | None = None, *, activation: Collection[str] = ()
+    ) -> None:
+        """Free the input statistics of ``names`` (default: every layer).
+
+        A layer in ``activation`` (it may still start from ``init="activation"``) gets
+        its factorization first, at the largest rank: all a later build needs.
+        """
+        for name in list(self.aids) if names is None else names:
+            aids = self.aids.get(name)
+            if aids is None or aids.calibration is None or aids.calibration.empty:
+                continue
+            wanted = name in activation or names is not None
+            if wanted and "activation" not in aids.factors and not aids.calibration.empty:
+                weight_t = self._kinds[name].weight_matrix(self.dense[name])
+                aids.factors["activation"] = _in_dtype(
+                    LowRankFactors.compute(
+                        weight_t.detach(), self._max_rank(name), calibration=aids.calibration
+                    ),
+                    weight_t.dtype,
+                )
+            aids.calibration.release()
 
     @contextmanager
     def calibration_hooks(
@@ -109,9 +148,17 @@ class PlanBuilder:
         gathered only when the block ends without an error.
         """
         handles = []
+        self._kinds = kinds
         for name in self.calibrate:
             dense = self.dense[name]
-            cov = InputCovariance(kinds[name].fan_in(dense))
+            features, rank = kinds[name].fan_in(dense), self._max_rank(name)
+            needed = InputCovariance.nbytes_for(features, rank)
+            weight_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
+            if needed > self.statistics_budget * weight_bytes:
+                self.over_budget[name] = needed  # planned from its weight alone
+                self.aids.setdefault(name, BuildAids()).quiet = True  # said once, by the tuner
+                continue
+            cov = InputCovariance(features, rank=rank, seed=_stable_seed(name))
             self.aids.setdefault(name, BuildAids()).calibration = cov
             hook = kinds[name].calibration_hook(dense, cov)
             if hook is not None:
@@ -125,12 +172,11 @@ class PlanBuilder:
         finally:
             for handle in handles:
                 handle.remove()
+            self._copies.clear()
         for name in self.calibrate:
-            gathered = self.aids[name].calibration
-            assert gathered is not None
-            if gathered.gram is not None:
-                gathered.gram = reduce_sum(gathered.gram)
-            gathered.count = int(reduce_sum(torch.tensor(float(gathered.count))).item())
+            gathered = self.aids.get(name, BuildAids()).calibration
+            if gathered is not None:
+                gathered.reduce(reduce_sum)
         self.calibrated = True
 
     @property
@@ -142,14 +188,35 @@ class PlanBuilder:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if name not in self.samples:
                 self.samples[name] = (
-                    tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
-                    {
-                        k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                        for k, v in kwargs.items()
-                    },
+                    tuple(self._copy(a) for a in args),
+                    {k: self._copy(v) for k, v in kwargs.items()},
                 )
 
         return hook
+
+    def _copy(self, value: Any) -> Any:
+        """A kept copy of a call argument; one copy for a tensor several layers receive
+        (a transformer's q, k and v projections read the same hidden states)."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        held = self._copies.get(id(value))
+        if held is not None and held[0]() is value:
+            return held[1]
+        copy = value.detach().clone()
+        self._copies[id(value)] = (weakref.ref(value), copy)
+        return copy
+
+
+def _in_dtype(factors: LowRankFactors, dtype: torch.dtype) -> LowRankFactors:
+    """The factors stored in the weight's floating dtype (float32: half of float64)."""
+    if not dtype.is_floating_point or factors.P.dtype == dtype:
+        return factors
+    return LowRankFactors(factors.P.to(dtype), factors.Q.to(dtype), factors.kind)
+
+
+def _stable_seed(name: str) -> int:
+    """A seed from a layer's name, the same in every process (DDP ranks sketch alike)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
 def _hashable(layer: LayerPlan) -> tuple[Any, ...]:

@@ -136,13 +136,15 @@ class Events:
         finally:
             self.current = outer
             self.finished.append(phase)
+            self.say(phase.describe())
             for listener in self.listeners:
                 listener.phase_end(phase)
 
-    def advance(self, steps: float = 1.0) -> None:
-        """The current phase moved ``steps`` further (nothing when no phase is open)."""
+    def advance(self, steps: float = 1.0, *, unit: str | None = None) -> None:
+        """The current phase moved ``steps`` further (nothing when no phase is open, or
+        when ``unit`` is given and the phase counts something else)."""
         phase = self.current
-        if phase is None:
+        if phase is None or (unit is not None and unit != phase.unit):
             return
         phase.done += steps
         for listener in self.listeners:

@@ -8,6 +8,7 @@ only owner of the accuracy floor.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +104,8 @@ class Judge:
         self._floor = AccuracyFloor(None, mode)
         self._shapes = ShapeRecorder(model, sorted(builder.dense))
         self._dense_warm = False
+        #: called after every timing round (the search's progress)
+        self.progress: Callable[[], None] | None = None
         #: the run (this process and ``tune()`` call) whose timings can be trusted here
         self.run_id = ""
 
@@ -221,6 +224,8 @@ class Judge:
                         swap.apply()
                         sketched.append(evaluator.throughput(self.model))
             swap.apply()
+            if self.progress is not None:
+                self.progress()
             if min(dense) <= 0:  # every trial would fail the same way: stop the search
                 raise ValueError(
                     f"the speed function returned {min(dense)} for the dense model; speeds must "

@@ -218,6 +218,7 @@ def make_reporter(
         record = record_from_trial(spec.label, trial, judge.floor)
         best.consider(spec.label, record)
         events.trial(record)
+        events.advance(unit="trial")
         events.say(_trial_line(spec, record, info, best, judge, n_trials))
 
     return after_trial

@@ -62,16 +62,21 @@ def run_search(
             events=events,
         )
     warm_start(search, layout, studies)
-    for spec in layout.specs:
-        run_study(
-            spec,
-            studies[spec.label],
-            layout,
-            judge,
-            search,
-            best,
-            dense_accuracy=dense_accuracy,
-            deadline=deadline,
-            events=events,
-        )
+    left = [
+        search.remaining(studies[spec.label].get_trials(deepcopy=False)) for spec in layout.specs
+    ]
+    total = None if any(n is None for n in left) else sum(n or 0 for n in left)
+    with events.phase("trials", total, "trial"):
+        for spec in layout.specs:
+            run_study(
+                spec,
+                studies[spec.label],
+                layout,
+                judge,
+                search,
+                best,
+                dense_accuracy=dense_accuracy,
+                deadline=deadline,
+                events=events,
+            )
     return None

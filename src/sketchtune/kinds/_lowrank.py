@@ -172,7 +172,8 @@ class LowRankKind(SketchKind):
         init = params.get("init", "sketch")
         if init == "sketch":
             return {"init": "sketch"}
-        if init == "activation" and aids.calibration is None and "activation" not in aids.factors:
+        gathered = aids.calibration is not None and not aids.calibration.empty
+        if init == "activation" and not gathered and "activation" not in aids.factors:
             if not aids.quiet:
                 warn(
                     f"{self.describe(dense)}: init='activation' needs the layer's input statistics, "

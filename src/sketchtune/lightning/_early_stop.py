@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -38,6 +38,8 @@ class EarlyStop(Callback):
     def __init__(self, monitor: str, metric_range: tuple[float, float] | None) -> None:
         self.monitor = monitor
         self.metric_range = metric_range
+        #: called with ``"batch"`` after every validation batch (the search's progress)
+        self.progress: Callable[[str], None] | None = None
         self.floor = AccuracyFloor(None)
         self.bound: float | None = None
         self._total = 0.0
@@ -60,6 +62,8 @@ class EarlyStop(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if self.progress is not None:
+            self.progress("batch")
         if self.floor.value is None or self.metric_range is None or trainer.world_size > 1:
             return
         batches = trainer.num_val_batches

@@ -101,9 +101,15 @@ class LightningEvaluator(Evaluator):
                 raise optuna.TrialPruned(f"pruned after {step} fine-tuning steps at {value:.4g}")
         return value
 
+    def pass_batches(self) -> int | None:
+        batches = self.trainer.num_val_batches
+        total = sum(batches) if batches else math.inf
+        return int(total) if math.isfinite(total) and total > 0 else None
+
     def _validate(self, floor: AccuracyFloor) -> float:
         trainer = self.trainer
         self.early_stop.arm(floor)
+        self.early_stop.progress = self.progress
         trainer.callback_metrics.pop(self.monitor, None)
         with _StepOnlyLogs(self.pl_module, self.monitor) as step_only:
             self.loop.run()

@@ -12,7 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from sketchtune._atomic import write_text_atomic
-from sketchtune._search._events import Listener
+from sketchtune._search._events import Listener, Phase
 from sketchtune.plan import SketchPlan
 from sketchtune.results import RunSummary, TrialRecord, write_report
 from sketchtune.search import OptunaSearch, redact
@@ -69,9 +69,14 @@ class TrialLogger:
 
 
 class Progress(Listener):
-    """Trial progress: a tqdm bar next to Lightning's TQDM bar, one log line per trial otherwise.
+    """The search's progress in the Trainer's style, phase by phase.
 
-    The search's notes (a reused study, a changed floor, ...) are always logged.
+    With Lightning's TQDM bar, each phase (baseline, planner, trials, confirmation)
+    gets a tqdm bar of its own, with its count, pace and ETA; the trials' bar also
+    shows the best confirmed speedup. With another bar (Rich, whose live display
+    prints log lines above itself) each trial is a log line; with bars off, each
+    phase is one log line when it ends. The search's notes (a reused study, a
+    changed floor, ...) are always logged.
     """
 
     def __init__(self, trainer: Trainer, total: int) -> None:
@@ -82,16 +87,9 @@ class Progress(Listener):
         self.feasible = 0
         self.done = 0
         self.bar: Any = None
-        self.lines = False
         bar = trainer.progress_bar_callback
-        if isinstance(bar, TQDMProgressBar):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total, desc="sketchtune", unit="trial", dynamic_ncols=True, leave=True
-            )
-        elif bar is not None:
-            self.lines = True  # e.g. Rich, whose live display prints log lines above itself
+        self.bars = isinstance(bar, TQDMProgressBar)
+        self.lines = bar is not None and not self.bars
 
     @override
     def note(self, text: str) -> None:
@@ -99,6 +97,34 @@ class Progress(Listener):
             self.bar.write(f"sketchtune: {text}")
         else:
             rank_zero_info(f"sketchtune: {text}")
+
+    @override
+    def phase_start(self, phase: Phase) -> None:
+        if not self.bars:
+            return
+        from tqdm.auto import tqdm
+
+        total = self.total if phase.name == "trials" and not phase.total else phase.total
+        self.bar = tqdm(
+            total=total,
+            desc=f"sketchtune {phase.name}",
+            unit=phase.unit,
+            dynamic_ncols=True,
+            leave=True,
+        )
+
+    @override
+    def phase_advance(self, phase: Phase) -> None:
+        if self.bar is not None and phase.name != "trials":  # trials advance in update()
+            self.bar.update(phase.done - self.bar.n)
+
+    @override
+    def phase_end(self, phase: Phase) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif not self.lines:
+            rank_zero_info(f"sketchtune: {phase.describe()}")
 
     @override
     def trial(self, record: TrialRecord) -> None:
@@ -125,9 +151,10 @@ class Progress(Listener):
             )
 
     def close(self) -> None:
-        """Close the tqdm bar, if one was drawn."""
+        """Close the tqdm bar, if one is open."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def count_weights(module: nn.Module) -> int:

@@ -13,13 +13,16 @@ cost, are filled with a best rank-``2Lk`` approximation instead:
 
 Both factorizations are *nested*: the top-``r`` part of a rank-``R`` factorization
 is the best rank-``r`` one, so one factorization per layer serves every rank a
-search tries (:class:`LowRankFactors`). All math runs in float64 on the weight's
-device and is cast at the end.
+search tries (:class:`LowRankFactors`). The factorization runs in float64 on the
+weight's device and is cast at the end; input statistics are gathered with float32
+products (:class:`InputCovariance`), as a streamed low-rank sketch when a full
+``features x features`` Gram would be wasteful for the ranks searched.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,14 +36,24 @@ INITS = ("sketch", "svd", "activation")
 
 
 class InputCovariance:
-    """Running second moment ``X^T X`` of a layer's inputs, in float64 (a covariance, not the data).
+    """Running second moment ``X^T X`` of a layer's inputs (a covariance, not the data).
 
-    Memory is ``features^2`` numbers whatever the number of samples, so it can be
-    gathered over a whole validation set. For convolutions the "inputs" are the
-    ``C_in * kh * kw`` patches the kernel sees (:meth:`update_conv`).
+    Memory does not grow with the number of samples, so it can be gathered over a
+    whole validation set; the products run in float32 (float64 inputs stay float64).
+    For convolutions the "inputs" are the ``C_in * kh * kw`` patches the kernel sees
+    (:meth:`update_conv`).
+
+    With ``rank`` (the largest rank a search will ask of the layer) and ``rank + 16 <
+    features``, only a streamed sketch ``X^T X Omega`` (``features x (rank + 16)``) is kept
+    instead of the ``features^2`` Gram, and the covariance is its Nystrom approximation
+    (Tropp et al., 2017, "Fixed-rank approximation of a positive-semidefinite matrix
+    from streaming data"): exact along the top ``rank + 16`` input directions, which is
+    what a rank-``rank`` activation-aware factorization uses; its trace stays exact.
 
     Args:
         features: input size (``in_features``, or ``in_channels * kh * kw``).
+        rank: the largest rank the statistics must serve (``None``: the full Gram).
+        seed: seed of the sketch's random test matrix (the same on every process).
 
     Example:
         >>> import torch
@@ -50,17 +63,120 @@ class InputCovariance:
         (100, (4, 4))
     """
 
-    def __init__(self, features: int) -> None:
+    #: columns the sketch keeps beyond the rank it serves
+    OVERSAMPLE = 16
+
+    def __init__(self, features: int, *, rank: int | None = None, seed: int = 0) -> None:
         self.features = int(features)
         self.gram: torch.Tensor | None = None
         self.count = 0
+        width = None if rank is None else int(rank) + self.OVERSAMPLE
+        #: columns of the streamed sketch (``None``: the full Gram is kept)
+        self.width = width if width is not None and width < self.features else None
+        self._seed = seed
+        self._test: torch.Tensor | None = None  # Omega, features x width
+        self.sketch: torch.Tensor | None = None  # X^T X Omega
+        self.sumsq = 0.0  # trace(X^T X): exact whatever the form
+        self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its statistics hold."""
+        held = self.gram if self.width is None else self.sketch
+        return 0 if held is None else held.numel() * held.element_size()
+
+    @staticmethod
+    def nbytes_for(features: int, rank: int | None, element_size: int = 4) -> int:
+        """Bytes an :class:`InputCovariance` of this size would hold once gathered."""
+        width = None if rank is None else rank + InputCovariance.OVERSAMPLE
+        columns = features if width is None or width >= features else width
+        return features * columns * element_size
 
     def update(self, inputs: torch.Tensor) -> None:
         """Add rows of ``inputs`` (shape ``(..., features)``)."""
-        x = inputs.detach().reshape(-1, self.features).to(torch.float64)
-        gram = x.t() @ x
-        self.gram = gram if self.gram is None else self.gram + gram.to(self.gram.device)
+        x = inputs.detach().reshape(-1, self.features)
+        if x.dtype != torch.float64:
+            x = x.to(torch.float32)
+        self._eig = None
+        self.sumsq += float(x.square().sum(dtype=torch.float64))
         self.count += int(x.shape[0])
+        if self.width is None:
+            gram = x.t() @ x
+            self.gram = gram if self.gram is None else self.gram.add_(gram.to(self.gram))
+            return
+        if self._test is None:
+            generator = torch.Generator().manual_seed(self._seed)
+            self._test = torch.randn(self.features, self.width, generator=generator).to(x)
+        part = x.t() @ (x @ self._test.to(x))
+        self.sketch = part if self.sketch is None else self.sketch.add_(part.to(self.sketch))
+
+    def reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum the statistics over processes (DDP), each holding its own share."""
+        if self.gram is not None:
+            self.gram = reduce_sum(self.gram)
+        if self.sketch is not None:
+            self.sketch = reduce_sum(self.sketch)
+        both = reduce_sum(torch.tensor([float(self.count), self.sumsq], dtype=torch.float64))
+        self.count, self.sumsq = int(both[0].item()), float(both[1].item())
+        self._eig = None
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0 or (self.gram is None and self.sketch is None)
+
+    def release(self) -> None:
+        """Free the statistics' tensors once nothing needs them (``count`` stays, for the record)."""
+        self.gram = self.sketch = self._test = None
+        self._eig = None
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        """``trace(C) / features``: exact in both forms (ridges are scaled by it)."""
+        return self.sumsq / max(self.count, 1) / self.features
+
+    def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, vectors)`` of the sketch's Nystrom approximation ``C ~ V diag(values) V^T``.
+
+        ``vectors`` is ``features x width`` with orthonormal columns; float64.
+        """
+        if self.width is None or self.sketch is None or self._test is None:
+            raise ValueError("eig() is for a sketched covariance (one gathered with a rank).")
+        if self._eig is None:
+            sketch = self.sketch.to(torch.float64) / max(self.count, 1)
+            omega = self._test.to(sketch)
+            # The sketch was summed in float32: shift by more than its rounding, so the
+            # core is positive definite even for inputs of lower rank than the sketch.
+            shift = 1e-6 * float(torch.linalg.norm(sketch)) + 1e-30
+            for _ in range(6):
+                y = sketch + shift * omega
+                core = omega.t() @ y
+                chol, info = torch.linalg.cholesky_ex((core + core.t()) / 2)
+                if int(info) == 0:
+                    break
+                shift *= 100
+            else:
+                raise ValueError("the input statistics' sketch is degenerate (NaN or Inf inputs?).")
+            e = torch.linalg.solve_triangular(chol, y.t(), upper=False).t()  # y chol^{-T}
+            u, s, _ = torch.linalg.svd(e, full_matrices=False)
+            self._eig = ((s.square() - shift).clamp_min(0), u)
+        return self._eig
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """``C v`` (float64) without forming ``C`` when it is sketched."""
+        if self.width is None:
+            return self.matrix().to(v) @ v
+        values, vectors = self.eig()
+        vectors = vectors.to(v)
+        return vectors @ (values.to(v)[:, None] * (vectors.t() @ v))
+
+    def root_apply(self, v: torch.Tensor, jitter: float, power: float) -> torch.Tensor:
+        """``(C + jitter I)^power v`` for a sketched ``C`` (``power`` = 1/2 or -1/2)."""
+        values, vectors = self.eig()
+        vectors = vectors.to(v)
+        outside = float(jitter**power)
+        scale = (values.to(v) + jitter) ** power - outside
+        out: torch.Tensor = vectors @ (scale[:, None] * (vectors.t() @ v)) + outside * v
+        return out
 
     def update_conv(
         self,
@@ -70,13 +186,22 @@ class InputCovariance:
         padding: tuple[int, int] | str,
         dilation: tuple[int, int],
         *,
-        chunk: int = 8,
+        chunk_bytes: int = 64 * 2**20,
     ) -> None:
-        """Add the patches a convolution with this geometry sees in ``inputs`` (``(N, C, H, W)``)."""
+        """Add the patches a convolution with this geometry sees in ``inputs`` (``(N, C, H, W)``).
+
+        Images are unfolded a few at a time, so the patches in memory stay near
+        ``chunk_bytes`` (at least one image's).
+        """
         x = inputs.detach()
         if x.dim() == 3:
             x = x.unsqueeze(0)
         x = _pad_for(x, kernel_size, padding, dilation)
+        positions = 1
+        for size, k, d, s in zip(x.shape[2:], kernel_size, dilation, stride, strict=True):
+            positions *= max(1, (size - d * (k - 1) - 1) // s + 1)
+        per_image = self.features * positions * 4
+        chunk = max(1, chunk_bytes // max(per_image, 1))
         for start in range(0, x.shape[0], chunk):  # bounded memory: unfold a few images at a time
             patches = F.unfold(
                 x[start : start + chunk], kernel_size, dilation=dilation, stride=stride
@@ -84,22 +209,40 @@ class InputCovariance:
             self.update(patches.transpose(1, 2))
 
     def merge(self, other: InputCovariance) -> None:
-        """Add another covariance of the same features (e.g. from another process)."""
-        if other.gram is None:
+        """Add another covariance of the same features and form (e.g. from another process)."""
+        if other.empty:
             return
-        self.gram = (
-            other.gram.clone() if self.gram is None else self.gram + other.gram.to(self.gram.device)
-        )
+        if (self.width, self._seed) != (other.width, other._seed):
+            raise ValueError(
+                "cannot merge input statistics of different forms: "
+                f"width {self.width} vs {other.width}, seed {self._seed} vs {other._seed}."
+            )
+        for name in ("gram", "sketch"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs.clone() if mine is None else mine + theirs.to(mine))
+        if self._test is None and other._test is not None:
+            self._test = other._test.clone()
         self.count += other.count
+        self.sumsq += other.sumsq
+        self._eig = None
 
     def matrix(self) -> torch.Tensor:
-        """``X^T X / n``, the (uncentered) input covariance."""
-        if self.gram is None or self.count == 0:
+        """``X^T X / n``, the (uncentered) input covariance (float64).
+
+        A sketched covariance is formed from its Nystrom approximation
+        (``features^2`` numbers: for tests and small layers).
+        """
+        if self.empty:
             raise ValueError(
                 "the calibration covariance is empty: run the dense model on some inputs first "
                 "(the tuner does this during its baseline evaluation)."
             )
-        return self.gram / self.count
+        if self.width is not None:
+            values, vectors = self.eig()
+            return (vectors * values) @ vectors.t()
+        assert self.gram is not None
+        return self.gram.to(torch.float64) / self.count
 
 
 def _pad_for(
@@ -164,6 +307,8 @@ class LowRankFactors:
             u, s, vh = _truncated_svd(w, rank)
             root = s.sqrt()
             return cls(u * root, root[:, None] * vh, "svd")
+        if isinstance(calibration, InputCovariance) and calibration.width is not None:
+            return cls._compute_sketched(w, rank, calibration, ridge)
         cov = _as_covariance(calibration, d_in).to(device=w.device, dtype=torch.float64)
         jitter = ridge * float(torch.diagonal(cov).mean().clamp_min(1e-12))
         eye = torch.eye(d_in, dtype=torch.float64, device=w.device)
@@ -174,6 +319,26 @@ class LowRankFactors:
         root = s.sqrt()
         # P = L^{-T} U sqrt(S): solve L^T P = U sqrt(S)
         p = torch.linalg.solve_triangular(chol.t(), u * root, upper=True)
+        return cls(p, root[:, None] * vh, "activation")
+
+    @classmethod
+    def _compute_sketched(
+        cls, w: torch.Tensor, rank: int, calibration: InputCovariance, ridge: float
+    ) -> LowRankFactors:
+        """The activation-aware factorization with a sketched covariance.
+
+        The symmetric root ``R = (C + jitter I)^{1/2}`` plays the Cholesky factor's part:
+        truncate ``R W^T``, map back with ``R^{-1}``; both apply through the sketch.
+        """
+        if calibration.features != w.shape[0]:
+            raise ValueError(
+                f"`calibration` holds {calibration.features} features, but the layer takes "
+                f"{w.shape[0]} inputs."
+            )
+        jitter = ridge * max(calibration.mean_eigenvalue, 1e-12)
+        u, s, vh = _truncated_svd(calibration.root_apply(w, jitter, 0.5), rank)
+        root = s.sqrt()
+        p = calibration.root_apply(u * root, jitter, -0.5)
         return cls(p, root[:, None] * vh, "activation")
 
 
