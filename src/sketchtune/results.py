@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -11,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import TrialState
 from torch import nn
 
-from sketchtune._atomic import write_text_atomic
-from sketchtune._report._plots import _pyplot, plot_history, plot_pareto
+from sketchtune._report._files import write_report
+from sketchtune._report._mark import KeptMark, speed_source
+from sketchtune._report._plots import plot_history, plot_pareto
 from sketchtune._report._summary import RunSummary
+from sketchtune._report._table import results_table
 from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.registry import kind_of, sketch_of, swapped_whole
 
@@ -24,14 +25,17 @@ if TYPE_CHECKING:
     from sketchtune.evaluate import AccuracyFloor
 
 __all__ = [
+    "KeptMark",
     "RunSummary",
     "TrialRecord",
-    "json_ready",
-    "record_from_trial",
     "format_model_tree",
+    "json_ready",
     "plot_history",
     "plot_pareto",
+    "record_from_trial",
     "records_dataframe",
+    "results_table",
+    "speed_source",
     "write_report",
 ]
 
@@ -138,7 +142,12 @@ _FIXED_COLUMNS = [
 
 
 def records_dataframe(records: Sequence[TrialRecord]) -> pd.DataFrame:
-    """One row per trial: ``layer_name``, one column per parameter, then the metrics."""
+    """One row per trial in the seed's form: ``layer_name``, one column per parameter, then
+    the metrics (``tuner.get_results_dataframe()``; ``trial`` is Optuna's 0-based number).
+
+    ``results.csv`` is :func:`results_table`: 1-based trials, the layers each trial
+    sketched, units in the column names and the kept plan marked.
+    """
     import pandas as pd
 
     param_names: list[str] = []
@@ -206,42 +215,3 @@ def format_model_tree(model: nn.Module, *, max_depth: int | None = None) -> str:
     walk(model, "", 0)
     lines.append(f"(* sketched: {counts['sketched']}, . sketchable dense: {counts['dense']})")
     return "\n".join(lines)
-
-
-def write_report(
-    out_dir: str | os.PathLike[str],
-    summary: RunSummary,
-    records: Sequence[TrialRecord],
-    *,
-    floor: float | None = None,
-) -> dict[str, str]:
-    """Write ``results.csv``, ``plan.json``, ``summary.md`` and (with matplotlib) the two plots.
-
-    Returns:
-        ``{name: path}`` of the files written.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        name: os.path.join(os.fspath(out_dir), name)
-        for name in ("results.csv", "plan.json", "summary.md")
-    }
-    write_text_atomic(paths["results.csv"], records_dataframe(records).to_csv(index=False))
-    summary.plan.save(paths["plan.json"])
-    write_text_atomic(
-        paths["summary.md"], summary.table() + "\n\n" + summary.dashboard_hint() + "\n"
-    )
-    try:
-        _pyplot()
-    except ImportError:
-        return paths
-    paths["pareto.png"] = os.path.join(os.fspath(out_dir), "pareto.png")
-    paths["history.png"] = os.path.join(os.fspath(out_dir), "history.png")
-    plot_pareto(
-        records,
-        paths["pareto.png"],
-        floor=floor,
-        dense_accuracy=summary.dense_accuracy,
-        chosen=summary.plan,
-    )
-    plot_history(records, paths["history.png"])
-    return paths

@@ -1,7 +1,12 @@
-"""The run's report (private): the plots and ``summary.md``.
+"""The run's report (private): what ``results.csv``, ``pareto.png``, ``history.png`` and
+``summary.md`` show, each figure taken from the study's records.
 
+- ``_mark``: :class:`KeptMark`, the trials the kept plan came from and its confirmed figures;
+  :func:`speed_source` (measured or FLOP-model) of a trial's speedup.
+- ``_table``: :func:`results_table`, one row per trial (``results.csv``).
 - ``_plots``: ``pareto.png`` and ``history.png``.
 - ``_summary``: :class:`RunSummary` (``summary.md``).
+- ``_files``: :func:`write_report`.
 
 :mod:`sketchtune.results` is the public surface.
 """

@@ -6,6 +6,7 @@ import shlex
 from dataclasses import dataclass, fields
 
 from sketchtune._redact import redact
+from sketchtune._report._mark import KeptMark
 from sketchtune.plan import SketchPlan
 
 __all__ = ["RunSummary"]
@@ -31,6 +32,8 @@ class RunSummary:
     confirmed_speedup: float | None = None
     #: what was kept, or why the model stays dense (the tuner's ``verdict``)
     verdict: str | None = None
+    #: the kept trial(s) and their figures, marked in results.csv
+    kept: KeptMark | None = None
 
     def __repr__(self) -> str:
         # the storage only as it may be shown: a password never reaches a log or a notebook

@@ -14,7 +14,7 @@ from typing_extensions import override
 from sketchtune._atomic import write_text_atomic
 from sketchtune._search._events import Listener
 from sketchtune.plan import SketchPlan
-from sketchtune.results import RunSummary, TrialRecord, write_report
+from sketchtune.results import KeptMark, RunSummary, TrialRecord, results_table, write_report
 from sketchtune.search import OptunaSearch, redact
 
 if TYPE_CHECKING:
@@ -148,7 +148,10 @@ def log_outcome(
     loggers: list[Logger],
     step: int,
 ) -> None:
-    """One log line with the outcome; the summary metrics, plan and trials table to each logger."""
+    """One log line with the outcome; the summary metrics, plan and trials table to each logger.
+
+    ``sketchtune_trials.csv`` is the table ``results.csv`` holds (:func:`results_table`).
+    """
     feasible = int(results.feasible.sum()) if len(results) else 0
     where = redact(search.storage) if storage is not None else "memory (this callback)"
     floor = tuner.floor.describe()
@@ -181,10 +184,20 @@ def log_outcome(
                 os.makedirs(log_dir, exist_ok=True)
                 plan.save(path)
                 path = os.path.join(log_dir, "sketchtune_trials.csv")
-                write_text_atomic(path, results.to_csv(index=False))
+                write_text_atomic(path, trials_csv(tuner))
             except OSError as exc:  # e.g. a full disk: the result is kept, the file is not
                 report_unwritten(path, exc)
         logger.save()
+
+
+def kept_mark(tuner: SKAutoTuner) -> KeptMark | None:
+    """The kept plan as every output marks it: from the tuner's decision and study record."""
+    return KeptMark.of(tuner.decision, tuner.records, tuner.kept)
+
+
+def trials_csv(tuner: SKAutoTuner) -> str:
+    """``results.csv``'s table, as text."""
+    return str(results_table(tuner.records, kept_mark(tuner)).to_csv(index=False))
 
 
 def log_test_metrics(
@@ -243,6 +256,7 @@ def summarize(
         # the same figure as best_speedup: the median of the confirmation's per-round ratios
         confirmed_speedup=tuner.best_speedup if plan and tuner.confirmation else None,
         verdict=tuner.verdict,
+        kept=kept_mark(tuner),
     )
     text = "sketchtune: dense vs tuned\n" + summary.table() + "\n" + summary.dashboard_hint()
     if output_dir is not None:
