@@ -1,7 +1,8 @@
 """Every figure the report shows is checked against the study's record (issue 21).
 
 A real search runs on a tiny MLP with a deterministic speed function, so each trial's
-rounds and figures are exact; ``results.csv`` is then read back and compared, figure by
+rounds and figures are exact; ``results.csv`` and what the plots draw
+(``history_points``, ``pareto_points``) are then read back and compared, figure by
 figure, with ``study.trials`` (each trial's ``sketchtune`` user attribute and Optuna's
 constraint) and with the study's ``"sketchtune:kept"`` record and the tuner's decision.
 """
@@ -20,7 +21,14 @@ import torch
 
 from sketchtune import LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
 from sketchtune.nn import SKLinear
-from sketchtune.results import KeptMark, RunSummary, results_table, write_report
+from sketchtune.results import (
+    KeptMark,
+    RunSummary,
+    history_points,
+    pareto_points,
+    results_table,
+    write_report,
+)
 
 from .conftest import MLP
 
@@ -198,6 +206,62 @@ def test_the_seed_dataframe_keeps_its_columns(whole_model: dict[str, Any]) -> No
     assert frame["trial"].tolist() == [t.number for t in finished(whole_model["study"])]
 
 
+def test_history_points_are_the_best_confirmed_figure_so_far(whole_model: dict[str, Any]) -> None:
+    study = whole_model["study"]
+    kept = study.user_attrs["sketchtune:kept"]
+    summary = whole_model["summary"]
+    (history,) = history_points(whole_model["tuner"].records, summary.kept)
+    assert history.study == "global" and history.measure == "measured"
+    best = None
+    for trial, point, shown in zip(finished(study), history.points, history.best, strict=True):
+        stored = info(trial)
+        assert point.trial == trial.number + 1
+        if not feasible(trial):
+            assert point.kind == "infeasible" and point.value is None
+            assert shown == best
+            continue
+        assert point.value == pytest.approx(stored["speedup"], rel=1e-12)
+        if not stored["plan"]:
+            assert point.kind == "dense" and point.value == 1.0
+            continue
+        assert point.kind == ("confirmed" if stored.get("confirmed") else "unconfirmed")
+        if stored.get("confirmed") and stored["speedup"] > 1.0:
+            best = stored["speedup"] if best is None else max(best, stored["speedup"])
+        assert shown == best  # an unconfirmed figure is never the best
+    assert history.kept == (kept["number"] + 1, kept["speedup"], kept["lower"], kept["upper"])
+    assert history.best[-1] == pytest.approx(kept["speedup"], rel=1e-12)
+
+
+def test_pareto_points_keep_measured_and_estimated_apart(whole_model: dict[str, Any]) -> None:
+    study = whole_model["study"]
+    kept = study.user_attrs["sketchtune:kept"]
+    points = pareto_points(whole_model["tuner"].records, whole_model["summary"].kept)
+    trials = finished(study)
+    measured = {(p.trial, p.speedup, p.accuracy, p.confirmed) for p in points.measured}
+    assert measured == {
+        (t.number + 1, info(t)["speedup"], info(t)["accuracy"], bool(info(t).get("confirmed")))
+        for t in trials
+        if feasible(t) and info(t)["plan"]  # the all-dense plan is the dense model's star
+    }
+    estimated = {(p.trial, p.speedup, p.accuracy, p.feasible) for p in points.estimated}
+    assert estimated == {
+        (t.number + 1, info(t)["flops_speedup"], info(t)["accuracy"], feasible(t)) for t in trials
+    }
+    confirmed = [p for p in points.measured if p.confirmed]
+    assert points.front and all(
+        any(p.speedup == s and p.accuracy == a for p in confirmed) for s, a in points.front
+    )
+    assert points.kept == (kept["speedup"], kept["accuracy"], kept["lower"], kept["upper"])
+    assert points.kept_unit == "measured"
+
+
+def test_the_plots_are_written(whole_model: dict[str, Any]) -> None:
+    pytest.importorskip("matplotlib")
+    for name in ("pareto.png", "history.png"):
+        data = Path(whole_model["paths"][name]).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
 @pytest.fixture(scope="module")
 def noisy_run() -> dict[str, Any]:
     """The issue-21 run in miniature: one plan times 10x on a noisy machine, unconfirmed.
@@ -250,6 +314,21 @@ def test_results_csv_shows_the_unconfirmed_figure_as_such(noisy_run: dict[str, A
     assert table["kept"].sum() == 1
 
 
+def test_the_plots_never_show_the_unconfirmed_figure_as_the_best(
+    noisy_run: dict[str, Any],
+) -> None:
+    noisy_trial, mark = noisy_run["noisy"], noisy_run["mark"]
+    records = noisy_run["tuner"].records
+    (history,) = history_points(records, mark)
+    assert max(b for b in history.best if b is not None) == 3.0  # the best line never shows 10x
+    assert (noisy_trial.number + 1, 10.0, "unconfirmed") in [
+        (p.trial, p.value, p.kind) for p in history.points
+    ]
+    points = pareto_points(records, mark)
+    assert max(s for s, _ in points.front) == 3.0
+    assert points.kept is not None and points.kept[0] == 3.0
+
+
 @pytest.fixture(scope="module")
 def flops_run() -> dict[str, Any]:
     tuner = SKAutoTuner(
@@ -278,3 +357,18 @@ def test_a_flops_table_labels_its_figures_as_estimates(flops_run: dict[str, Any]
     assert table["confirmed_speedup_x"].isna().all()  # nothing was timed, nothing confirmed
     assert table[table["kept"]]["trial"].tolist() == [kept["number"] + 1]
     assert table[table["kept"]]["speedup_x"].tolist() == [kept["speedup"]]
+
+
+def test_flops_plots_label_their_figures_as_estimates(flops_run: dict[str, Any]) -> None:
+    study, mark = flops_run["study"], flops_run["mark"]
+    kept = study.user_attrs["sketchtune:kept"]
+    records = flops_run["tuner"].records
+    (history,) = history_points(records, mark)
+    assert history.measure == "flops"
+    assert {p.kind for p in history.points} <= {"estimate", "infeasible", "dense"}
+    assert history.best[-1] == kept["speedup"]
+    points = pareto_points(records, mark)
+    assert not points.measured and points.kept_unit == "flops"
+    assert {(p.trial, p.speedup, p.feasible) for p in points.estimated} == {
+        (t.number + 1, info(t)["flops_speedup"], feasible(t)) for t in finished(study)
+    }

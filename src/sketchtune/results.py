@@ -12,7 +12,16 @@ from torch import nn
 
 from sketchtune._report._files import write_report
 from sketchtune._report._mark import KeptMark, speed_source
-from sketchtune._report._plots import plot_history, plot_pareto
+from sketchtune._report._plots import (
+    HistoryPoint,
+    ParetoPoint,
+    ParetoPoints,
+    StudyHistory,
+    history_points,
+    pareto_points,
+    plot_history,
+    plot_pareto,
+)
 from sketchtune._report._summary import RunSummary
 from sketchtune._report._table import results_table
 from sketchtune._search._trialinfo import TrialInfo
@@ -25,11 +34,17 @@ if TYPE_CHECKING:
     from sketchtune.evaluate import AccuracyFloor
 
 __all__ = [
+    "HistoryPoint",
     "KeptMark",
+    "ParetoPoint",
+    "ParetoPoints",
     "RunSummary",
+    "StudyHistory",
     "TrialRecord",
     "format_model_tree",
+    "history_points",
     "json_ready",
+    "pareto_points",
     "plot_history",
     "plot_pareto",
     "record_from_trial",

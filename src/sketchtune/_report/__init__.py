@@ -4,7 +4,7 @@
 - ``_mark``: :class:`KeptMark`, the trials the kept plan came from and its confirmed figures;
   :func:`speed_source` (measured or FLOP-model) of a trial's speedup.
 - ``_table``: :func:`results_table`, one row per trial (``results.csv``).
-- ``_plots``: ``pareto.png`` and ``history.png``.
+- ``_plots``: :func:`history_points` and :func:`pareto_points`, what the plots draw, and the plots.
 - ``_summary``: :class:`RunSummary` (``summary.md``).
 - ``_files``: :func:`write_report`.
 

@@ -26,8 +26,9 @@ def write_report(
 ) -> dict[str, str]:
     """Write ``results.csv``, ``plan.json``, ``summary.md`` and (with matplotlib) the two plots.
 
-    ``results.csv`` is :func:`~sketchtune.results.results_table`, the kept plan marked
-    as ``summary.kept`` describes it.
+    The kept plan is marked in the table and the plots as ``summary.kept`` describes it:
+    ``results.csv`` is :func:`~sketchtune.results.results_table`, the plots draw
+    :func:`~sketchtune.results.history_points` and :func:`~sketchtune.results.pareto_points`.
 
     Returns:
         ``{name: path}`` of the files written.
@@ -54,7 +55,7 @@ def write_report(
         paths["pareto.png"],
         floor=floor,
         dense_accuracy=summary.dense_accuracy,
-        chosen=summary.plan,
+        kept=summary.kept,
     )
-    plot_history(records, paths["history.png"])
+    plot_history(records, paths["history.png"], kept=summary.kept)
     return paths
