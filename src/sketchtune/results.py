@@ -1,4 +1,9 @@
-"""Results: the trials table, plots (Pareto front, history) and a model tree of what was swapped."""
+"""Results: the trials tables, the plots (Pareto front, history), the run's summary and a model
+tree of what was swapped.
+
+Every figure these show is read from the study's records: each trial's :class:`TrialRecord`
+and the kept plan's :class:`KeptMark`.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from sketchtune._report._plots import (
     plot_history,
     plot_pareto,
 )
-from sketchtune._report._summary import RunSummary
+from sketchtune._report._summary import DASHBOARD_NOTE, RunSummary, TimingSetup
 from sketchtune._report._table import results_table
 from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.registry import kind_of, sketch_of, swapped_whole
@@ -34,12 +39,14 @@ if TYPE_CHECKING:
     from sketchtune.evaluate import AccuracyFloor
 
 __all__ = [
+    "DASHBOARD_NOTE",
     "HistoryPoint",
     "KeptMark",
     "ParetoPoint",
     "ParetoPoints",
     "RunSummary",
     "StudyHistory",
+    "TimingSetup",
     "TrialRecord",
     "format_model_tree",
     "history_points",

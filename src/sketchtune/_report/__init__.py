@@ -5,7 +5,7 @@
   :func:`speed_source` (measured or FLOP-model) of a trial's speedup.
 - ``_table``: :func:`results_table`, one row per trial (``results.csv``).
 - ``_plots``: :func:`history_points` and :func:`pareto_points`, what the plots draw, and the plots.
-- ``_summary``: :class:`RunSummary` (``summary.md``).
+- ``_summary``: :class:`RunSummary` and :class:`TimingSetup` (``summary.md``).
 - ``_files``: :func:`write_report`.
 
 :mod:`sketchtune.results` is the public surface.

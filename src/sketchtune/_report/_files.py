@@ -26,9 +26,9 @@ def write_report(
 ) -> dict[str, str]:
     """Write ``results.csv``, ``plan.json``, ``summary.md`` and (with matplotlib) the two plots.
 
-    The kept plan is marked in the table and the plots as ``summary.kept`` describes it:
-    ``results.csv`` is :func:`~sketchtune.results.results_table`, the plots draw
-    :func:`~sketchtune.results.history_points` and :func:`~sketchtune.results.pareto_points`.
+    The kept plan is marked in each as ``summary.kept`` describes it: ``results.csv``
+    is :func:`~sketchtune.results.results_table`, ``summary.md`` is
+    :meth:`RunSummary.markdown`.
 
     Returns:
         ``{name: path}`` of the files written.
@@ -41,9 +41,7 @@ def write_report(
     table = results_table(records, summary.kept)
     write_text_atomic(paths["results.csv"], table.to_csv(index=False))
     summary.plan.save(paths["plan.json"])
-    write_text_atomic(
-        paths["summary.md"], summary.table() + "\n\n" + summary.dashboard_hint() + "\n"
-    )
+    write_text_atomic(paths["summary.md"], summary.markdown() + "\n")
     try:
         _pyplot()
     except ImportError:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["results_table"]
 
-# (column, what it holds): the docstring of results_table and the README list these
+#: each column of results_table(), after the per-layer parameters' place, and what it holds
 COLUMNS = {
     "study": "the study's label: a layer, a joint group, or 'global' for one whole-model study",
     "trial": "the trial as the log numbers it (1-based)",

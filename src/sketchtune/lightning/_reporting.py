@@ -14,7 +14,14 @@ from typing_extensions import override
 from sketchtune._atomic import write_text_atomic
 from sketchtune._search._events import Listener
 from sketchtune.plan import SketchPlan
-from sketchtune.results import KeptMark, RunSummary, TrialRecord, results_table, write_report
+from sketchtune.results import (
+    KeptMark,
+    RunSummary,
+    TimingSetup,
+    TrialRecord,
+    results_table,
+    write_report,
+)
 from sketchtune.search import OptunaSearch, redact
 
 if TYPE_CHECKING:
@@ -237,8 +244,13 @@ def summarize(
     dense_weights: int,
     throughput: tuple[float | None, float | None],
     output_dir: str | os.PathLike[str] | None,
+    timing: TimingSetup | None = None,
 ) -> RunSummary:
-    """The dense-vs-tuned table, logged, and written to ``output_dir`` with the plots."""
+    """The dense-vs-tuned table, logged, and written to ``output_dir`` with the plots.
+
+    The log shows what ``summary.md`` holds (the table, how the speedup was measured
+    with ``timing``, the kept trial), less its notes on Optuna's and the dashboard's views.
+    """
     summary = RunSummary(
         monitor=monitor,
         floor=tuner.floor.describe(),
@@ -257,8 +269,11 @@ def summarize(
         confirmed_speedup=tuner.best_speedup if plan and tuner.confirmation else None,
         verdict=tuner.verdict,
         kept=kept_mark(tuner),
+        timing=timing,
+        speed_model=None if tuner.kept is None else tuner.kept.speed_model,
     )
-    text = "sketchtune: dense vs tuned\n" + summary.table() + "\n" + summary.dashboard_hint()
+    # the log shows summary.md less its notes on Optuna's and the dashboard's views
+    text = "sketchtune: dense vs tuned\n" + summary.markdown(notes=False)
     if output_dir is not None:
         try:
             paths = write_report(output_dir, summary, tuner.records, floor=tuner.floor.value)
