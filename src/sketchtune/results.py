@@ -17,15 +17,14 @@ from torch import nn
 
 from sketchtune._report._files import write_report
 from sketchtune._report._mark import KeptMark, speed_source
-from sketchtune._report._plots import (
+from sketchtune._report._plots import plot_history, plot_pareto
+from sketchtune._report._points import (
     HistoryPoint,
     ParetoPoint,
     ParetoPoints,
     StudyHistory,
     history_points,
     pareto_points,
-    plot_history,
-    plot_pareto,
 )
 from sketchtune._report._summary import DASHBOARD_NOTE, RunSummary, TimingSetup
 from sketchtune._report._table import results_table
