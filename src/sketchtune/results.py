@@ -1,21 +1,34 @@
-"""Results: the trials table, plots (Pareto front, history) and a model tree of what was swapped."""
+"""Results: the trials tables, the plots (Pareto front, history), the run's summary and a model
+tree of what was swapped.
+
+Every figure these show is read from the study's records: each trial's :class:`TrialRecord`
+and the kept plan's :class:`KeptMark`.
+"""
 
 from __future__ import annotations
 
 import math
-import os
-import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from optuna.trial import TrialState
 from torch import nn
 
-from sketchtune._atomic import write_text_atomic
-from sketchtune._redact import redact
+from sketchtune._report._files import write_report
+from sketchtune._report._mark import KeptMark, speed_source
+from sketchtune._report._plots import plot_history, plot_pareto
+from sketchtune._report._points import (
+    HistoryPoint,
+    ParetoPoint,
+    ParetoPoints,
+    StudyHistory,
+    history_points,
+    pareto_points,
+)
+from sketchtune._report._summary import DASHBOARD_NOTE, RunSummary, TimingSetup
+from sketchtune._report._table import results_table
 from sketchtune._search._trialinfo import TrialInfo
-from sketchtune.plan import SketchPlan
 from sketchtune.registry import kind_of, sketch_of, swapped_whole
 
 if TYPE_CHECKING:
@@ -25,14 +38,25 @@ if TYPE_CHECKING:
     from sketchtune.evaluate import AccuracyFloor
 
 __all__ = [
+    "DASHBOARD_NOTE",
+    "HistoryPoint",
+    "KeptMark",
+    "ParetoPoint",
+    "ParetoPoints",
     "RunSummary",
+    "StudyHistory",
+    "TimingSetup",
     "TrialRecord",
-    "json_ready",
-    "record_from_trial",
     "format_model_tree",
+    "history_points",
+    "json_ready",
+    "pareto_points",
     "plot_history",
     "plot_pareto",
+    "record_from_trial",
     "records_dataframe",
+    "results_table",
+    "speed_source",
     "write_report",
 ]
 
@@ -139,7 +163,12 @@ _FIXED_COLUMNS = [
 
 
 def records_dataframe(records: Sequence[TrialRecord]) -> pd.DataFrame:
-    """One row per trial: ``layer_name``, one column per parameter, then the metrics."""
+    """One row per trial in the seed's form: ``layer_name``, one column per parameter, then
+    the metrics (``tuner.get_results_dataframe()``; ``trial`` is Optuna's 0-based number).
+
+    ``results.csv`` is :func:`results_table`: 1-based trials, the layers each trial
+    sketched, units in the column names and the kept plan marked.
+    """
     import pandas as pd
 
     param_names: list[str] = []
@@ -207,239 +236,3 @@ def format_model_tree(model: nn.Module, *, max_depth: int | None = None) -> str:
     walk(model, "", 0)
     lines.append(f"(* sketched: {counts['sketched']}, . sketchable dense: {counts['dense']})")
     return "\n".join(lines)
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError(
-            "plotting needs matplotlib: pip install 'sketchtune[plots]' (or matplotlib)."
-        ) from None
-    if os.environ.get("MPLBACKEND") is None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_pareto(
-    records: Sequence[TrialRecord],
-    path: str | os.PathLike[str],
-    *,
-    floor: float | None = None,
-    dense_accuracy: float | None = None,
-    chosen: SketchPlan | None = None,
-    title: str = "Accuracy vs speedup",
-) -> None:
-    """Scatter every measured trial (accuracy vs speedup), feasible ones highlighted, floor drawn.
-
-    ``chosen`` circles the trial(s) of the plan that was kept (by default the
-    fastest feasible trial); its speedup is as measured in that trial.
-    """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    done = [r for r in records if r.accuracy is not None and r.state == "COMPLETE"]
-    feasible = [r for r in done if r.feasible and r.speedup is not None]
-    infeasible = [r for r in done if not r.feasible]
-    if infeasible:
-        # Their speed is never measured (it would not count); the FLOP model places them.
-        ax.scatter(
-            [r.flops_speedup if r.flops_speedup is not None else 1.0 for r in infeasible],
-            [r.accuracy for r in infeasible],
-            marker="x",
-            color="#999999",
-            label=f"below the floor ({len(infeasible)}; x = FLOP estimate)",
-        )
-    if feasible:
-        ax.scatter(
-            [r.speedup for r in feasible],
-            [r.accuracy for r in feasible],
-            color="#1f77b4",
-            label=f"feasible ({len(feasible)})",
-        )
-        front = _pareto_front(
-            [(float(r.speedup or 0.0), float(r.accuracy or 0.0)) for r in feasible]
-        )
-        ax.plot(
-            [p[0] for p in front],
-            [p[1] for p in front],
-            color="#1f77b4",
-            alpha=0.5,
-            drawstyle="steps-post",
-        )
-        if chosen is None:
-            kept = [max(feasible, key=lambda r: r.speedup or 0.0)]
-        else:
-            kept = [r for r in feasible if SketchPlan(r.plan) == chosen]
-        if kept:
-            ax.scatter(
-                [r.speedup for r in kept],
-                [r.accuracy for r in kept],
-                s=160,
-                facecolors="none",
-                edgecolors="#d62728",
-                label=f"kept plan ({kept[0].speedup:.2f}x in its trial)",
-            )
-    if floor is not None:
-        ax.axhline(floor, color="#d62728", linestyle="--", linewidth=1, label=f"floor {floor:.4g}")
-    if dense_accuracy is not None:
-        ax.scatter([1.0], [dense_accuracy], marker="*", s=140, color="black", label="dense model")
-    ax.set_xlabel("speedup over the dense model (x)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    front: list[tuple[float, float]] = []
-    for speed, acc in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if not front or acc > front[-1][1]:
-            front.append((speed, acc))
-    return sorted(front)
-
-
-def plot_history(
-    records: Sequence[TrialRecord], path: str | os.PathLike[str], *, title: str = "Tuning history"
-) -> None:
-    """Best feasible score (speedup) after each trial, per study, with every trial's score dotted."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    for label in dict.fromkeys(r.layer_name for r in records):
-        rows = sorted((r for r in records if r.layer_name == label), key=lambda r: r.trial)
-        best = -math.inf
-        xs, bests, scores = [], [], []
-        for r in rows:
-            if r.feasible:
-                best = max(best, r.score)
-            xs.append(r.trial + 1)
-            bests.append(best if best > -math.inf else math.nan)
-            scores.append(r.score if r.feasible else math.nan)
-        (line,) = ax.plot(xs, bests, drawstyle="steps-post", label=f"{label} best")
-        ax.scatter(xs, scores, s=12, color=line.get_color(), alpha=0.5)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("best feasible score (speedup)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len({r.layer_name for r in records}) <= 8:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-@dataclass
-class RunSummary:
-    """Dense vs tuned, for the end-of-run table and ``summary.md``."""
-
-    monitor: str
-    floor: str
-    dense_accuracy: float | None
-    tuned_accuracy: float | None
-    dense_throughput: float | None
-    tuned_throughput: float | None
-    dense_weights: int
-    tuned_weights: int
-    plan: SketchPlan
-    trials: int
-    feasible: int
-    storage: str | None
-    study_name: str | None
-    confirmed_speedup: float | None = None
-    #: what was kept, or why the model stays dense (the tuner's ``verdict``)
-    verdict: str | None = None
-
-    def __repr__(self) -> str:
-        # the storage only as it may be shown: a password never reaches a log or a notebook
-        shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        shown["storage"] = redact(self.storage)
-        return f"RunSummary({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
-
-    @property
-    def speedup(self) -> float | None:
-        """The confirmed speedup (median per-round ratio), else the ratio of the throughputs."""
-        if self.confirmed_speedup is not None:
-            return self.confirmed_speedup
-        if self.dense_throughput and self.tuned_throughput:
-            return self.tuned_throughput / self.dense_throughput
-        return None
-
-    def table(self) -> str:
-        """A Markdown table: accuracy, throughput, speedup and weights, then each sketched layer."""
-
-        def num(value: float | None, fmt: str) -> str:
-            return "n/a" if value is None else format(value, fmt)
-
-        speedup = self.speedup
-        lines = [
-            f"| model | {self.monitor} | throughput (samples/s) | speedup | weights (params + buffers) |",
-            "|---|---:|---:|---:|---:|",
-            f"| dense | {num(self.dense_accuracy, '.4f')} | {num(self.dense_throughput, ',.0f')} | 1.00x "
-            f"| {self.dense_weights:,} |",
-            f"| tuned | {num(self.tuned_accuracy, '.4f')} | {num(self.tuned_throughput, ',.0f')} "
-            f"| {num(speedup, '.2f')}{'x' if speedup is not None else ''} | {self.tuned_weights:,} |",
-            "",
-            f"Floor {self.floor}; {self.feasible}/{self.trials} trials feasible.",
-            "",
-        ]
-        if self.plan:
-            lines += ["| layer | sketched as | parameters |", "|---|---|---|"]
-            for name, layer in self.plan.items():
-                params = ", ".join(f"{k}={v}" for k, v in layer.params.items())
-                lines.append(f"| {name} | {layer.type} | {params} |")
-        else:
-            lines.append(
-                f"Nothing was kept: {self.verdict}"
-                if self.verdict
-                else "No sketch kept the floor and ran faster: the model stays dense."
-            )
-        return "\n".join(lines)
-
-    def dashboard_hint(self) -> str:
-        if self.storage and "://" in self.storage:
-            # quoted for a shell: a path may hold spaces, quotes or `$`
-            return f"Browse the study: optuna-dashboard {shlex.quote(str(redact(self.storage)))}"
-        return "The study is in memory; pass storage='sqlite:///tune.db' to browse it with optuna-dashboard."
-
-
-def write_report(
-    out_dir: str | os.PathLike[str],
-    summary: RunSummary,
-    records: Sequence[TrialRecord],
-    *,
-    floor: float | None = None,
-) -> dict[str, str]:
-    """Write ``results.csv``, ``plan.json``, ``summary.md`` and (with matplotlib) the two plots.
-
-    Returns:
-        ``{name: path}`` of the files written.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        name: os.path.join(os.fspath(out_dir), name)
-        for name in ("results.csv", "plan.json", "summary.md")
-    }
-    write_text_atomic(paths["results.csv"], records_dataframe(records).to_csv(index=False))
-    summary.plan.save(paths["plan.json"])
-    write_text_atomic(
-        paths["summary.md"], summary.table() + "\n\n" + summary.dashboard_hint() + "\n"
-    )
-    try:
-        _pyplot()
-    except ImportError:
-        return paths
-    paths["pareto.png"] = os.path.join(os.fspath(out_dir), "pareto.png")
-    paths["history.png"] = os.path.join(os.fspath(out_dir), "history.png")
-    plot_pareto(
-        records,
-        paths["pareto.png"],
-        floor=floor,
-        dense_accuracy=summary.dense_accuracy,
-        chosen=summary.plan,
-    )
-    plot_history(records, paths["history.png"])
-    return paths

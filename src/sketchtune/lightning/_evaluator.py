@@ -32,6 +32,7 @@ from sketchtune.evaluate import (
 from sketchtune.lightning._early_stop import EarlyStop, batch_size
 from sketchtune.lightning._finetune import FineTuner, iterate, training_batches
 from sketchtune.measure import synchronize
+from sketchtune.results import TimingSetup
 
 if TYPE_CHECKING:
     from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
@@ -163,6 +164,20 @@ class LightningEvaluator(Evaluator):
             self.slice_batches = int(min(len(batches), max(1, wanted)))
             return
         self._run(batches[: min(self.warmup_batches, self.slice_batches)])
+
+    def timing_setup(self) -> TimingSetup | None:
+        """What one timing slice ran, and where (``None`` before anything was timed)."""
+        if not self.has_throughput or self._batches is None or self.slice_batches is None:
+            return None
+        module = self.pl_module
+        return TimingSetup(
+            batches_per_slice=self.slice_batches,
+            batches=len(self._batches),
+            batch_size=batch_size(self._batches[0]),
+            device=str(module.device),
+            dtype=str(module.dtype).removeprefix("torch."),
+            precision=str(self.trainer.precision),
+        )
 
     def start_round(self, index: int) -> None:
         self._round = index

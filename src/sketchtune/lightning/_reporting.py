@@ -14,7 +14,14 @@ from typing_extensions import override
 from sketchtune._atomic import write_text_atomic
 from sketchtune._search._events import Listener, Phase
 from sketchtune.plan import SketchPlan
-from sketchtune.results import RunSummary, TrialRecord, write_report
+from sketchtune.results import (
+    KeptMark,
+    RunSummary,
+    TimingSetup,
+    TrialRecord,
+    results_table,
+    write_report,
+)
 from sketchtune.search import OptunaSearch, redact
 
 if TYPE_CHECKING:
@@ -175,7 +182,10 @@ def log_outcome(
     loggers: list[Logger],
     step: int,
 ) -> None:
-    """One log line with the outcome; the summary metrics, plan and trials table to each logger."""
+    """One log line with the outcome; the summary metrics, plan and trials table to each logger.
+
+    ``sketchtune_trials.csv`` is the table ``results.csv`` holds (:func:`results_table`).
+    """
     feasible = int(results.feasible.sum()) if len(results) else 0
     where = redact(search.storage) if storage is not None else "memory (this callback)"
     floor = tuner.floor.describe()
@@ -208,10 +218,20 @@ def log_outcome(
                 os.makedirs(log_dir, exist_ok=True)
                 plan.save(path)
                 path = os.path.join(log_dir, "sketchtune_trials.csv")
-                write_text_atomic(path, results.to_csv(index=False))
+                write_text_atomic(path, trials_csv(tuner))
             except OSError as exc:  # e.g. a full disk: the result is kept, the file is not
                 report_unwritten(path, exc)
         logger.save()
+
+
+def kept_mark(tuner: SKAutoTuner) -> KeptMark | None:
+    """The kept plan as every output marks it: from the tuner's decision and study record."""
+    return KeptMark.of(tuner.decision, tuner.records, tuner.kept)
+
+
+def trials_csv(tuner: SKAutoTuner) -> str:
+    """``results.csv``'s table, as text."""
+    return str(results_table(tuner.records, kept_mark(tuner)).to_csv(index=False))
 
 
 def log_test_metrics(
@@ -251,8 +271,13 @@ def summarize(
     dense_weights: int,
     throughput: tuple[float | None, float | None],
     output_dir: str | os.PathLike[str] | None,
+    timing: TimingSetup | None = None,
 ) -> RunSummary:
-    """The dense-vs-tuned table, logged, and written to ``output_dir`` with the plots."""
+    """The dense-vs-tuned table, logged, and written to ``output_dir`` with the plots.
+
+    The log shows what ``summary.md`` holds (the table, how the speedup was measured
+    with ``timing``, the kept trial), less its notes on Optuna's and the dashboard's views.
+    """
     summary = RunSummary(
         monitor=monitor,
         floor=tuner.floor.describe(),
@@ -270,8 +295,12 @@ def summarize(
         # the same figure as best_speedup: the median of the confirmation's per-round ratios
         confirmed_speedup=tuner.best_speedup if plan and tuner.confirmation else None,
         verdict=tuner.verdict,
+        kept=kept_mark(tuner),
+        timing=timing,
+        speed_model=None if tuner.kept is None else tuner.kept.speed_model,
     )
-    text = "sketchtune: dense vs tuned\n" + summary.table() + "\n" + summary.dashboard_hint()
+    # the log shows summary.md less its notes on Optuna's and the dashboard's views
+    text = "sketchtune: dense vs tuned\n" + summary.markdown(notes=False)
     if output_dir is not None:
         try:
             paths = write_report(output_dir, summary, tuner.records, floor=tuner.floor.value)

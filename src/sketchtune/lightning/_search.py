@@ -199,6 +199,7 @@ def run_search(
             dense_weights=dense_weights,
             throughput=throughput,
             output_dir=cb.output_dir,
+            timing=evaluator.timing_setup(),
         )
         log_test_metrics(dense_test, tuned_test, loggers=loggers, step=log_trial.step)
     return found
