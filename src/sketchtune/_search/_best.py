@@ -1,19 +1,26 @@
-"""Choosing the kept plan: the best trial so far, the never-slower confirmation of the fastest
-plans on this machine, and backing off a combination of per-layer winners."""
+"""Choosing the kept plan: the best trial so far, and the never-slower confirmation of the
+fastest plans on this machine (a combination of per-layer winners: :mod:`._combine`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from sketchtune._search._combine import union, validated_combination
 from sketchtune._search._confirm import Confirmation
+from sketchtune._search._decision import (
+    Decision,
+    decision_of,
+    kept_text,
+    score_text,
+    why_no_candidate,
+)
 from sketchtune._search._judge import Judge, TrialFailed
 from sketchtune._search._studies import StudySpec
 from sketchtune._search._trialinfo import TrialInfo
@@ -95,50 +102,6 @@ class BestTracker:
         return accuracy if self._mode == "max" else -accuracy
 
 
-@dataclass
-class Decision:
-    """The plan the search keeps, with the figures that describe it.
-
-    Attributes:
-        trial: Optuna's number of the kept trial (``None``: a combination, or nothing kept).
-        confirmation: the confirming measurement of the kept plan (timed speed only),
-            from :meth:`Confirmation.to_dict`.
-        verdict: one line saying what was kept, or why the model stays dense (the
-            floor broken, plans not faster, not confirmed faster, a combination backed off).
-    """
-
-    plan: SketchPlan
-    accuracy: float | None = None
-    speedup: float | None = None
-    combination_log: list[dict[str, Any]] = field(default_factory=list)
-    confirmation_log: list[dict[str, Any]] = field(default_factory=list)
-    speed: float | None = None
-    confirmation: dict[str, Any] | None = None
-    verdict: str = ""
-    trial: int | None = None
-    #: each kept layer's trial (its study's Optuna number)
-    layer_trials: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (a results file holds them)."""
-        data = dataclasses.asdict(self)
-        data["plan"] = self.plan.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Decision:
-        """From :meth:`to_dict` (the plan is checked as any loaded plan is).
-
-        Raises:
-            ValueError: the data is not a decision.
-        """
-        if not isinstance(data, Mapping) or "plan" not in data:
-            raise ValueError(f"a decision needs a plan, got {data!r}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"plan"}
-        values = {k: data[k] for k in known if k in data}
-        return cls(SketchPlan.from_dict(data["plan"]), **values)
-
-
 def choose(
     bests: dict[str, TrialRecord],
     studies: Sequence[optuna.Study],
@@ -172,11 +135,11 @@ def choose(
             decision = _confirm_best(candidates, judge, say, retime=not interrupted)
         else:
             best = next(iter(bests.values()), None)
-            decision = Decision(SketchPlan()) if best is None else _decision_of(best)
+            decision = Decision(SketchPlan()) if best is None else decision_of(best)
         if decision.plan:
             speed = f"speedup {decision.speedup:.2f}x at " if decision.speedup is not None else ""
             say(f"best: {decision.plan!r} ({speed}accuracy {decision.accuracy:.4f})")
-            decision.verdict = decision.verdict or _kept_text(decision)
+            decision.verdict = decision.verdict or kept_text(decision)
         elif not decision.verdict:
             decision.verdict = why_no_candidate(records, judge.floor.describe(), judge.mode)
             say(decision.verdict)
@@ -184,8 +147,8 @@ def choose(
     if interrupted:
         verdict = "interrupted: the combined plan of the per-layer winners was not validated."
         say(verdict)
-        return Decision(_union(bests.values()), verdict=verdict)
-    return _validated_combination(bests, judge, dense_accuracy, say, timed=timed)
+        return Decision(union(bests.values()), verdict=verdict)
+    return validated_combination(bests, judge, dense_accuracy, say, timed=timed)
 
 
 def finish(
@@ -223,72 +186,6 @@ def finish(
         decision,
         plan=SketchPlan(kept),
         layer_trials={n: t for n, t in trials.items() if n in kept},
-    )
-
-
-def why_no_candidate(records: Sequence[TrialRecord], floor: str, mode: Mode) -> str:
-    """Why no trial is a candidate: the floor broken, or nothing measured faster."""
-    finished = [r for r in records if r.state == "COMPLETE" and r.plan]
-    if not finished:
-        return "no trial finished; the model stays dense."
-    feasible = [r for r in finished if r.feasible]
-    if not feasible:
-        scored = [r for r in finished if r.accuracy is not None]
-        if not scored:
-            return f"no trial kept the accuracy floor ({floor}); the model stays dense."
-        sign = 1.0 if mode == "max" else -1.0
-        closest = max(scored, key=lambda r: sign * float(r.accuracy or 0.0))
-        return (
-            f"no trial kept the accuracy floor ({floor}): the closest scored "
-            f"{closest.accuracy:.4f} (trial {closest.trial + 1}); the model stays dense."
-        )
-    fastest = max(feasible, key=lambda r: r.speedup or 0.0)
-    plans = len({json.dumps(r.plan, sort_keys=True) for r in feasible})
-    return (
-        f"{plans} plan(s) kept the floor, but none was measured faster than the "
-        f"dense model (fastest {fastest.speedup or 0.0:.2f}x, trial {fastest.trial + 1}); "
-        "the model stays dense."
-    )
-
-
-def score_text(record: TrialRecord, *, confirmed: bool = False) -> str:
-    if record.speedup is not None:
-        what = "confirmed " if confirmed else ""
-        return f"{what}{record.speedup:.2f}x at accuracy {record.accuracy:.4f}"
-    return f"accuracy {record.accuracy:.4f}"
-
-
-def _kept_text(decision: Decision) -> str:
-    speed = ""
-    if decision.confirmation is not None:
-        c = decision.confirmation
-        speed = (
-            f" at {c['speedup']:.2f}x (confirmed: 95% interval {c['lower']:.2f}x-"
-            f"{c['upper']:.2f}x over {c['rounds']} interleaved rounds)"
-        )
-    elif decision.speedup is not None:
-        speed = f" at {decision.speedup:.2f}x"
-    accuracy = "" if decision.accuracy is None else f", accuracy {decision.accuracy:.4f}"
-    trial = "" if decision.trial is None else f" (trial {decision.trial + 1})"
-    return f"kept a plan sketching {len(decision.plan)} layer(s){trial}{speed}{accuracy}."
-
-
-def _decision_of(record: TrialRecord, confirmation: Confirmation | None = None) -> Decision:
-    if confirmation is None:
-        return Decision(
-            SketchPlan(record.plan),
-            record.accuracy,
-            record.speedup,
-            speed=record.speed,
-            trial=record.trial,
-        )
-    return Decision(
-        SketchPlan(record.plan),
-        record.accuracy,
-        confirmation.speedup,
-        speed=float(confirmation.to_dict()["tuned_throughput"]),
-        confirmation=confirmation.to_dict(),
-        trial=record.trial,
     )
 
 
@@ -355,7 +252,7 @@ def _confirm_best(
         if confirmation.confirmed and (winner is None or confirmation.speedup > winner[1].speedup):
             winner = (record, confirmation)
     if winner is not None:
-        decision = _decision_of(*winner)
+        decision = decision_of(*winner)
         decision.confirmation_log = log
         return decision
     if not candidates:
@@ -381,117 +278,3 @@ def _confirm_best(
     )
     say(verdict)
     return Decision(SketchPlan(), confirmation_log=log, verdict=verdict)
-
-
-def _validated_combination(
-    bests: dict[str, TrialRecord],
-    judge: Judge,
-    dense_accuracy: float | None,
-    say: Callable[[str], None],
-    *,
-    timed: bool,
-) -> Decision:
-    """Evaluate the union of per-study winners; drop the least efficient until it passes.
-
-    Passing means keeping the floor and, with a timed speed objective, a speedup over
-    the dense model confirmed on this machine.
-    """
-    members = dict(bests)
-    baseline = dense_accuracy if dense_accuracy is not None else 0.0
-    log: list[dict[str, Any]] = []
-    backed_off: list[str] = []
-    while members:
-        plan = _union(members.values())
-        reason = ""
-        try:
-            outcome = judge.evaluate(plan, None, measure_speed=not timed)
-        except TrialFailed as exc:
-            outcome = None
-            reason = str(exc)
-        step: dict[str, Any] = {
-            "layers": sorted(members),
-            "accuracy": None,
-            "speedup": None,
-            "feasible": False,
-        }
-        confirmation = None
-        if outcome is not None:
-            step.update(
-                accuracy=outcome.accuracy, speedup=outcome.speedup, feasible=outcome.feasible
-            )
-            if outcome.feasible and timed:
-                try:
-                    confirmation = judge.confirm(plan, prior=None, beat=1.0)
-                except TrialFailed as exc:
-                    reason = str(exc)
-                else:
-                    step.update(speedup=confirmation.speedup, confirmed=confirmation.confirmed)
-        log.append(step)
-        passes = outcome is not None and outcome.feasible
-        if passes and (confirmation is None or confirmation.confirmed) and not (timed and reason):
-            assert outcome is not None
-            speedup = confirmation.speedup if confirmation is not None else outcome.speedup
-            speed_text = f", speedup {speedup:.2f}x" if speedup is not None else ""
-            verdict = (
-                f"combined plan of {len(members)} study winner(s) passes: accuracy "
-                f"{outcome.accuracy:.4f} ({judge.floor.describe()}){speed_text}"
-            )
-            if backed_off:
-                verdict += f"; backed off {', then '.join(backed_off)}"
-            say(verdict)
-            return Decision(
-                plan,
-                outcome.accuracy,
-                speedup,
-                log,
-                layer_trials={
-                    name: record.trial for record in members.values() for name in record.plan
-                },
-                speed=(
-                    float(confirmation.to_dict()["tuned_throughput"])
-                    if confirmation is not None
-                    else outcome.speed
-                ),
-                confirmation=None if confirmation is None else confirmation.to_dict(),
-                verdict=verdict + ".",
-            )
-        if outcome is None or not outcome.feasible:
-            what = (
-                f"accuracy {outcome.accuracy:.4f}" if outcome is not None else f"failed ({reason})"
-            )
-            why = f"breaks the floor ({what}, {judge.floor.describe()})"
-        else:
-            why = (
-                f"is not confirmed faster than the dense model ({confirmation.describe()})"
-                if confirmation is not None
-                else f"could not be timed ({reason})"
-            )
-        drop = min(members, key=lambda label: _efficiency(members[label], judge, baseline))
-        say(f"combined plan of {len(members)} winner(s) {why}; backing off {drop!r}")
-        backed_off.append(f"{drop!r} (the plan of {len(members)} {why})")
-        del members[drop]
-    verdict = (
-        "no combination of per-layer winners keeps the floor faster: backed off "
-        f"{', then '.join(backed_off)}; the model stays dense."
-    )
-    say(verdict)
-    return Decision(SketchPlan(), combination_log=log, verdict=verdict)
-
-
-def _efficiency(record: TrialRecord, judge: Judge, dense_accuracy: float) -> float:
-    """Speed gained per accuracy lost by one study's winner (the least efficient is backed off first)."""
-    speedup = (
-        record.speedup
-        if record.speedup is not None
-        else judge.flops_speedup(SketchPlan(record.plan))
-    )
-    accuracy = record.accuracy if record.accuracy is not None else dense_accuracy
-    return (speedup - 1.0) / max(abs(dense_accuracy - accuracy), 1e-12)
-
-
-def _union(records: Iterable[TrialRecord]) -> SketchPlan:
-    """One plan holding every layer of ``records``' plans."""
-    layers: dict[str, Any] = {}
-    for record in records:
-        layers.update(record.plan)
-    return SketchPlan(layers)
