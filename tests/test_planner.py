@@ -7,11 +7,13 @@ import copy
 import itertools
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 from torch import nn
 
 from sketchtune import LayerConfig, OptunaSearch, SKAutoTuner, SketchPlan, TuningConfigs
@@ -369,3 +371,16 @@ def test_workers_starting_together_plan_from_the_options_the_study_holds(
         tag = trial.user_attrs.get(TAG)
         if tag:
             assert trial.params == second.planner.params_of(tag["choice"])
+
+
+def test_a_proposal_nobody_ran_is_failed_by_the_worker_that_enqueued_it(tmp_path: Path) -> None:
+    from sketchtune._planner._run import ENQUEUED_BY, _drop_own_waiting
+    from sketchtune._search._objective import WORKER
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.enqueue_trial({"x": 1}, user_attrs={ENQUEUED_BY: WORKER})
+    study.enqueue_trial({"x": 2}, user_attrs={ENQUEUED_BY: "other-host:1"})
+    _drop_own_waiting(study, storage)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.FAIL, TrialState.WAITING]  # only its own

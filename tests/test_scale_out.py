@@ -14,6 +14,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from sketchtune._planner._run import ENQUEUED_BY
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).parent / "lightning" / "data" / "cli.yaml"
 
@@ -88,10 +90,16 @@ def test_three_workers_share_a_30_trial_study(postgres_url: str, tmp_path: Path)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 30  # the budget, shared, not 30 per worker
     assert len({t.number for t in trials}) == len(trials)
-    # a trial that lost the race for the last slot is not run, and says so
+    # no proposal is left WAITING once every worker has finished
+    assert not [t.number for t in trials if t.state == TrialState.WAITING]
+    # a trial that lost the race for the last slot is not run, and says so; a proposal its
+    # worker enqueued but nobody ran is failed by that worker (and uses no budget)
     for t in trials:
         if t.state != TrialState.COMPLETE:
-            assert "skipped" in t.user_attrs["sketchtune"], t
+            assert (
+                "skipped" in t.user_attrs.get("sketchtune", {})
+                or t.user_attrs.get(ENQUEUED_BY) is not None
+            ), t
     by_worker = Counter(t.user_attrs["sketchtune"].get("worker") for t in complete)
     assert len(by_worker) >= 2 and sum(by_worker.values()) == 30
     assert study.user_attrs["sketchtune:dense_accuracy"] > 0  # the accuracy baseline, stored once

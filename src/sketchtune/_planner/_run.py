@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from sketchtune._planner._driver import TAG, Planner
 from sketchtune._search._best import BestTracker
 from sketchtune._search._builder import PlanBuilder
 from sketchtune._search._events import Events
 from sketchtune._search._judge import Judge, TrialFailed
-from sketchtune._search._objective import OverBudget, make_objective, make_reporter
+from sketchtune._search._objective import WORKER, OverBudget, make_objective, make_reporter
 from sketchtune._search._studies import StudyLayout, StudySpec
 from sketchtune.search import OptunaSearch
 
-__all__ = ["run_planned_study"]
+__all__ = ["ENQUEUED_BY", "run_planned_study"]
+
+#: trial user attribute: the process that enqueued a planner proposal
+ENQUEUED_BY = "sketchtune:enqueued_by"
 
 
 def run_planned_study(
@@ -103,9 +107,32 @@ def _run_trials(
         planner.propose_seconds += time.perf_counter() - started
         if proposal is None:
             break
-        study.enqueue_trial(proposal.params, user_attrs={TAG: proposal.tag})
+        study.enqueue_trial(proposal.params, user_attrs={TAG: proposal.tag, ENQUEUED_BY: WORKER})
         study.optimize(
             objective, n_trials=1, catch=catch, callbacks=[reporter], gc_after_trial=False
         )
-    # the sampler takes whatever budget is left (and waits for other workers' running trials)
-    search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
+    try:
+        # the sampler takes whatever budget is left (and waits for other workers' running trials)
+        search.run(study, objective, deadline=deadline, catch=catch, after_trial=reporter)
+    finally:
+        _drop_own_waiting(study, search.open_storage())
+
+
+def _drop_own_waiting(study: optuna.Study, storage: optuna.storages.BaseStorage | None) -> None:
+    """Fail the proposals this process enqueued that nobody ran (another worker took the slot
+    first, or the budget ran out): a finished study holds no WAITING trial. Failed without a
+    recorded reason, they use no budget."""
+    if storage is None:
+        return  # a study only this process holds, in memory: nobody else took a slot
+    waiting = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if t.user_attrs.get(ENQUEUED_BY) == WORKER
+    ]
+    if not waiting:
+        return
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in waiting:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        with contextlib.suppress(RuntimeError, ValueError):  # someone popped it meanwhile
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)

@@ -37,7 +37,7 @@ __all__ = [
     "weights_digest",
 ]
 
-_KEY = "sketchtune:fingerprint"
+_KEY = FINGERPRINT_ATTR = "sketchtune:fingerprint"
 _DENSE = "sketchtune:dense_accuracy"
 _WEIGHTS = "sketchtune:weights"
 _FLOOR = "sketchtune:floor"

@@ -17,9 +17,14 @@ from torch import nn
 from sketchtune._redact import redact
 from sketchtune._search._events import Events
 from sketchtune._search._fingerprint import (
+    FINGERPRINT_ATTR as _FINGERPRINT,
+)
+from sketchtune._search._fingerprint import (
     check_dense_record,
+    check_fingerprint,
     check_fingerprints,
     check_weights,
+    fingerprint,
     note_floor_change,
     weights_digest,
 )
@@ -28,7 +33,7 @@ from sketchtune._search._studies import StudyLayout, StudySpec
 from sketchtune.evaluate import AccuracyFloor
 from sketchtune.search import OptunaSearch
 
-__all__ = ["check_baseline", "open_studies"]
+__all__ = ["check_baseline", "check_stored_searches", "open_studies"]
 
 
 def open_studies(
@@ -107,3 +112,38 @@ def _note_reused(studies: Mapping[str, optuna.Study], search: OptunaSearch, even
         f"study {shown!r} {where} already has {held} trial(s) (n_trials={budget}): {plan}. "
         "For more trials raise n_trials; to start over pass a new study_name."
     )
+
+
+def check_stored_searches(
+    search: OptunaSearch,
+    specs: Sequence[StudySpec],
+    layout: StudyLayout,
+    *,
+    strategy: str | None,
+    metric: str | None,
+    mode: str,
+    speed_model: str | None,
+) -> None:
+    """Refuse, before any work, an existing study of the same name made for another search.
+
+    Only studies that already exist are read (nothing is created); the model's weights
+    are checked when the search starts, since training may still change them.
+
+    Raises:
+        ValueError: as :func:`open_studies` would, but before training.
+    """
+    storage = search.open_storage()
+    if storage is None:
+        return
+    existing = set(optuna.study.get_all_study_names(storage))
+    for spec in specs:
+        name = search.study_name_for(spec.key)
+        if name not in existing:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        if study.user_attrs.get(_FINGERPRINT) is None:
+            continue  # an older sketchtune's study: checked (and warned about) when it is opened
+        expected = fingerprint(
+            spec, layout, strategy=strategy, metric=metric, mode=mode, speed_model=speed_model
+        )
+        check_fingerprint(study, expected, storage=search.storage)

@@ -11,7 +11,7 @@ import inspect
 import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -118,20 +118,7 @@ class LightningEvaluator(Evaluator):
             raise FloorUnreachable(self.early_stop.bound)
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
-            available = sorted(k for k in metrics if not k.startswith("sketchtune/"))
-            if step_only.seen:
-                raise ValueError(
-                    f"`monitor`={self.monitor!r} is logged with on_step=True, on_epoch=False, so "
-                    "the validation loop keeps no value of it for the epoch (its epoch metrics "
-                    f"are {available}). Log it per epoch: self.log({self.monitor!r}, value, "
-                    "on_epoch=True) in validation_step (add on_step=True to keep the per-batch "
-                    "values too)."
-                )
-            raise ValueError(
-                f"`monitor`={self.monitor!r} was not logged by the validation loop; the logged "
-                f"metrics are {available}. Log it in validation_step with "
-                f"self.log({self.monitor!r}, ...) or set monitor to one of those."
-            )
+            raise ValueError(missing_monitor(self.monitor, metrics, step_only=step_only.seen))
         value = as_metric(metrics[self.monitor], f"the monitored metric {self.monitor!r}")
         return self._mean(value)
 
@@ -319,6 +306,23 @@ class _StepOnlyLogs:
             vars(self.module).pop("log", None)
         else:
             vars(self.module)["log"] = self._saved
+
+
+def missing_monitor(monitor: str, metrics: Mapping[str, Any], *, step_only: bool) -> str:
+    """Why ``monitor`` is not among the validation loop's ``metrics``, and the fix."""
+    available = sorted(k for k in metrics if not k.startswith("sketchtune/"))
+    if step_only:
+        return (
+            f"`monitor`={monitor!r} is logged with on_step=True, on_epoch=False, so the "
+            f"validation loop keeps no value of it for the epoch (its epoch metrics are "
+            f"{available}). Log it per epoch: self.log({monitor!r}, value, on_epoch=True) in "
+            "validation_step (add on_step=True to keep the per-batch values too)."
+        )
+    return (
+        f"`monitor`={monitor!r} was not logged by the validation loop; the logged metrics are "
+        f"{available}. Log it in validation_step with self.log({monitor!r}, ...) or set "
+        "monitor to one of those."
+    )
 
 
 def _datamodule(trainer: Trainer) -> Any:

@@ -41,25 +41,27 @@ __all__ = [
 
 
 class TrialLogger:
-    """Sends each trial's results to the Trainer's loggers, one step per trial.
+    """Sends each trial's results to the Trainer's loggers, all at the Trainer's current step.
 
-    Steps continue from ``start`` (the Trainer's global step, or past what an
-    earlier search logged), so a logger's step never goes backwards. Each row
-    also carries ``sketchtune/trial``, the trial's index in this run.
+    The search happens between two training steps, so its rows are logged at the
+    step it happened at (``step``, the Trainer's global step): a logger's step never
+    goes backwards, neither during the search nor when training goes on afterwards on
+    the same Trainer. Each row carries ``sketchtune/trial``, the trial's number as the
+    log shows it (1-based), to plot the trials against.
 
     Args:
         loggers: the Trainer's loggers.
-        start: the first step to log at.
+        step: the Trainer's global step.
     """
 
-    def __init__(self, loggers: list[Logger], start: int) -> None:
+    def __init__(self, loggers: list[Logger], step: int) -> None:
         self.loggers = loggers
-        self.step = start
+        self.step = step
         self.trials = 0
 
     def __call__(self, record: TrialRecord) -> None:
         metrics: dict[str, float] = {
-            "sketchtune/trial": float(self.trials),
+            "sketchtune/trial": float(record.trial + 1),
             "sketchtune/feasible": float(record.feasible),
         }
         if record.accuracy is not None:
@@ -69,9 +71,10 @@ class TrialLogger:
         for name, value in record.params.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[f"sketchtune/params/{name}"] = float(value)
+        if record.confirmed:
+            metrics["sketchtune/confirmed"] = 1.0
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.step)
-        self.step += 1
         self.trials += 1
 
 

@@ -53,7 +53,6 @@ class SearchResult:
     applied: bool
     results: pd.DataFrame | None
     summary: RunSummary | None
-    next_log_step: int
     #: the test loop's metrics of the dense and of the tuned model (None without test batches)
     dense_test: dict[str, float] | None = None
     tuned_test: dict[str, float] | None = None
@@ -70,7 +69,6 @@ def run_search(
     pl_module: LightningModule,
     loop: _EvaluationLoop,
     search: OptunaSearch,
-    log_step: int,
     keep: Callable[[SearchResult], None],
 ) -> SearchResult:
     """Run ``cb``'s search with ``trainer``'s loops; apply the plan found if ``cb.apply_best``.
@@ -110,7 +108,7 @@ def run_search(
     loggers = list(trainer.loggers)
     total = cb.n_trials * len(tuner.study_labels)
     progress = Progress(trainer, total) if trainer.is_global_zero else None
-    log_trial = TrialLogger(loggers, start=log_step)
+    log_trial = TrialLogger(loggers, step=trainer.global_step)
     dense_weights = count_weights(pl_module)
     plan: SketchPlan = SketchPlan()
     accuracy: float | None = None
@@ -129,7 +127,6 @@ def run_search(
             applied=cb.apply_best,
             results=results,
             summary=None,
-            next_log_step=log_trial.step + 1,
             dense_test=dense_test,
             tuned_test=tuned_test,
         )

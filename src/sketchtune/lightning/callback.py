@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from sketchtune._modes import restore_modes, save_modes
+from sketchtune._search._resume import check_stored_searches
+from sketchtune._search._studies import StudyLayout
 from sketchtune._validation import check_choice, check_float, check_int, check_seed, warn
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.evaluate import check_floor_args
@@ -27,6 +29,7 @@ from sketchtune.lightning._checkpoint import (
     PlanLoader,
     drop_stale_optimizer_state,
 )
+from sketchtune.lightning._evaluator import missing_monitor
 from sketchtune.lightning._search import SearchResult, run_search, tuned_module
 from sketchtune.lightning._trainer_state import (
     check_launcher,
@@ -35,7 +38,7 @@ from sketchtune.lightning.module import SketchedModule
 from sketchtune.plan import SketchPlan
 from sketchtune.results import RunSummary
 from sketchtune.search import OptunaSearch, redact
-from sketchtune.tuner import SKAutoTuner, check_configs
+from sketchtune.tuner import SKAutoTuner
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -242,7 +245,6 @@ class SketchTuneCallback(Callback):
         self.dense_test_metrics: dict[str, float] | None = None
         self.tuned_test_metrics: dict[str, float] | None = None
         self._searching = False
-        self._next_log_step = 0  # loggers' steps continue past an earlier search's rows
         self._plan_loader = PlanLoader(self._on_plan_loaded)
         self._modes: dict[nn.Module, bool] | None = None
 
@@ -273,14 +275,31 @@ class SketchTuneCallback(Callback):
             check_launcher(trainer)
         if runs_here and not self.applied_plan:
             # Check the configs, the storage and the output folder now, not after hours of training.
-            check_configs(
+            if trainer.limit_val_batches == 0:
+                raise ValueError(
+                    "`limit_val_batches`=0 leaves SketchTuneCallback no validation batches to "
+                    "measure accuracy on; give the Trainer limit_val_batches > 0 (and a "
+                    "val_dataloader)."
+                )
+            layout = StudyLayout(
                 tuned_module(pl_module),
                 self.configs,
                 strategy=self.strategy,
                 default_init=self.default_init,
+                seed=0,
             )
             if trainer.is_global_zero:
-                self._search_settings().check_storage()
+                search = self._search_settings()
+                search.check_storage()
+                check_stored_searches(
+                    search,
+                    layout.specs,
+                    layout,
+                    strategy=self.strategy,
+                    metric=self.monitor,
+                    mode=self.mode,
+                    speed_model="flops" if self.speed == "flops" else "measured",
+                )
                 if self.output_dir is not None:
                     _check_writable(self.output_dir)
         if not isinstance(pl_module, SketchedModule):  # SketchedModule reads plans itself
@@ -289,6 +308,20 @@ class SketchTuneCallback(Callback):
             # validate() ends by restoring the mode it found; our nested runs would change
             # what it found, so remember the modes from before it started.
             self._modes = save_modes(pl_module)
+
+    @override
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The sanity check shows what validation_step logs: a monitor it does not log would
+        # otherwise fail the search only after training.
+        if (
+            self.run_on == "fit_end"
+            and trainer.state.fn == TrainerFn.FITTING
+            and not self.applied_plan
+            and self.monitor not in trainer.callback_metrics
+        ):
+            raise ValueError(
+                missing_monitor(self.monitor, trainer.callback_metrics, step_only=False)
+            )
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -390,7 +423,6 @@ class SketchTuneCallback(Callback):
                 pl_module,
                 loop,
                 self._search_settings(),
-                log_step=max(trainer.global_step, self._next_log_step),
                 keep=self._keep,
             )
         finally:
@@ -404,7 +436,6 @@ class SketchTuneCallback(Callback):
         self.best_accuracy, self.dense_accuracy = found.accuracy, found.tuner.dense_accuracy
         self.results, self.summary = found.results, found.summary
         self.dense_test_metrics, self.tuned_test_metrics = found.dense_test, found.tuned_test
-        self._next_log_step = found.next_log_step
         if self.apply_best:
             self.applied_plan = found.plan  # possibly empty: checkpoints then say "dense"
 
