@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -81,7 +82,10 @@ def test_every_phase_reports_progress_in_order() -> None:
     assert ends["planner"] == (2, 2)  # one step per layer group priced
     assert ends["trials"] == (6, 6)
     assert [p.name for p in tuner.phases] == starts
-    assert all(p.elapsed >= 0 for p in tuner.phases)
+    assert all(p.ended is not None and p.elapsed >= 0 for p in tuner.phases)
+    took = [p.elapsed for p in tuner.phases]
+    time.sleep(0.05)
+    assert [p.elapsed for p in tuner.phases] == took  # a finished phase's time is frozen
     assert any(eta is not None and eta >= 0 for eta in recorder.etas)  # a pace, so an ETA
 
 

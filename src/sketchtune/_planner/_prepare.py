@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from torch import nn
 
+from sketchtune._memory import release_freed_memory
 from sketchtune._planner._frontier import Frontier, allocate
 from sketchtune._planner._options import (
     GroupOptions,
@@ -117,6 +118,7 @@ def _prepare(
     options: list[GroupOptions] = []
     for group in spec.groups:
         options.append(price(group, timed))
+        release_freed_memory()  # the group's candidates, built to be timed, are gone
         if progress is not None:
             progress()
     if timed:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from sketchtune._memory import release_freed_memory
+
 if TYPE_CHECKING:
     from sketchtune.results import TrialRecord
 
@@ -58,6 +60,7 @@ class Phase:
         unit: what a step is (``"pass"``, ``"layer"``, ``"trial"``, ``"round"``).
         done: steps done so far.
         started: ``time.monotonic()`` when it began.
+        ended: ``time.monotonic()`` when it ended (``None`` while it runs).
     """
 
     def __init__(self, name: str, total: float | None, unit: str) -> None:
@@ -66,10 +69,12 @@ class Phase:
         self.unit = unit
         self.done = 0.0
         self.started = time.monotonic()
+        self.ended: float | None = None
 
     @property
     def elapsed(self) -> float:
-        return time.monotonic() - self.started
+        """Seconds it took (so far, while it runs)."""
+        return (self.ended if self.ended is not None else time.monotonic()) - self.started
 
     @property
     def eta(self) -> float | None:
@@ -134,6 +139,8 @@ class Events:
         try:
             yield phase
         finally:
+            release_freed_memory()  # what the phase dropped stays dropped
+            phase.ended = time.monotonic()
             self.current = outer
             self.finished.append(phase)
             self.say(phase.describe())

@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sketchtune._memory import release_freed_memory
 from sketchtune._search._best import BestTracker, score_text
 from sketchtune._search._events import Events
 from sketchtune._search._judge import Judge, Outcome, TrialFailed
@@ -217,6 +218,7 @@ def make_reporter(
             return
         record = record_from_trial(spec.label, trial, judge.floor)
         best.consider(spec.label, record)
+        release_freed_memory()  # the trial's modules and temporaries
         events.trial(record)
         events.advance(unit="trial")
         events.say(_trial_line(spec, record, info, best, judge, n_trials))
