@@ -551,7 +551,7 @@ def test_resume_from_sqlite_reuses_finished_trials_and_continues_numbering(
         (
             {"configs": configs({"rank": [4]})},
             ValueError,
-            r"parameter\(s\) \['rank'\] not valid for Linear\(32->64\), which is sketched as SKLinear and takes \['init', 'low_rank', 'num_terms'\]",
+            r"parameter\(s\) \['rank'\] not valid for Linear\(32->64\), which is sketched as SKLinear and takes \['init', 'low_rank', 'num_terms', 'quant'\]",
         ),
         (
             {"configs": configs({"low_rank": [4]})},

@@ -16,7 +16,7 @@ from sketchtune._atomic import write_text_atomic
 from sketchtune._redact import redact
 from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.plan import SketchPlan
-from sketchtune.registry import kind_of, sketch_of, swapped_whole
+from sketchtune.registry import kind_named, kind_of, sketch_of, swapped_whole
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -387,10 +387,11 @@ class RunSummary:
             "",
         ]
         if self.plan:
-            lines += ["| layer | sketched as | parameters |", "|---|---|---|"]
+            lines += ["| layer | form | sketched as | parameters |", "|---|---|---|---|"]
             for name, layer in self.plan.items():
                 params = ", ".join(f"{k}={v}" for k, v in layer.params.items())
-                lines.append(f"| {name} | {layer.type} | {params} |")
+                form = kind_named(layer.type).form(layer.params)
+                lines.append(f"| {name} | {form} | {layer.type} | {params} |")
         else:
             lines.append(
                 f"Nothing was kept: {self.verdict}"
