@@ -1,7 +1,8 @@
 """Per-layer options of the planner: each candidate's predicted output error and cost.
 
 Errors come from :mod:`._errors` (closed form from the spectra, or measured on a
-recorded call); costs are multiply-adds of every recorded call, or, when speed is
+recorded call; int8 candidates are measured, and a sketch with int8 factors adds
+the increment its int8 factors cause on the recorded call to its closed form); costs are multiply-adds of every recorded call, or, when speed is
 measured, the layer timed alone on its recorded call (:mod:`._costs`), dense and
 at each candidate; candidates no faster than the dense layer are dropped.
 """
@@ -25,10 +26,11 @@ from sketchtune._planner._costs import (
     shape_key,
     sketch_macs,
 )
-from sketchtune._planner._errors import closed_form_errors, measured_error
+from sketchtune._planner._errors import closed_form_errors, measured_error, quantization_increment
 from sketchtune._search._studies import Group, StudyLayout
 from sketchtune.kinds._base import CallShapes
 from sketchtune.kinds._lowrank import LowRankKind
+from sketchtune.kinds._quant import FULL
 from sketchtune.nn import InputCovariance
 from sketchtune.plan import SketchPlan
 
@@ -38,6 +40,7 @@ __all__ = [
     "Recorded",
     "candidate_params",
     "closed_form_errors",
+    "predicted_error",
     "observed_layers",
 ]
 
@@ -95,7 +98,9 @@ def candidate_params(group: Group) -> list[dict[str, Any]]:
 
     For low-rank kinds ``num_terms * low_rank`` is what matters (cost and
     factorized error depend on the total rank only), so each product keeps its
-    smallest ``num_terms``.
+    smallest ``num_terms``; ``low_rank="full"`` (no factorization: the int8 weight)
+    is one candidate whatever ``num_terms`` and ``init``, and values that describe
+    the dense layer itself (``low_rank="full", quant="none"``) are none.
 
     Raises:
         ValueError: a parameter has no finite grid (a continuous ``Float``).
@@ -107,13 +112,13 @@ def candidate_params(group: Group) -> list[dict[str, Any]]:
     if isinstance(group.kind, LowRankKind) and {"num_terms", "low_rank"} <= set(grids):
         kept: dict[tuple[Any, ...], dict[str, Any]] = {}
         for params in sorted(combos, key=lambda p: p["num_terms"]):
-            others = tuple(
-                sorted(
-                    (k, repr(v)) for k, v in params.items() if k not in ("num_terms", "low_rank")
-                )
-            )
-            kept.setdefault((params["num_terms"] * params["low_rank"], others), params)
+            full = params["low_rank"] == FULL
+            ignored = ("num_terms", "low_rank", "init") if full else ("num_terms", "low_rank")
+            others = tuple(sorted((k, repr(v)) for k, v in params.items() if k not in ignored))
+            total = FULL if full else params["num_terms"] * params["low_rank"]
+            kept.setdefault((total, others), params)
         combos = list(kept.values())
+    combos = [params for params in combos if group.kind.plan_entry(params) is not None]
     if len(combos) > MAX_CANDIDATES:
         step = len(combos) / MAX_CANDIDATES
         combos = [combos[int(i * step)] for i in range(MAX_CANDIDATES)]
@@ -151,12 +156,15 @@ def group_options(
         params
         for params in candidate_params(group)
         if timed
-        or sum(
-            kind.sketch_macs(dense[n], params, c)
-            for n in group.names
-            for c in recorded_calls(recorded, n)
+        or (
+            params.get("quant", "none") == "none"  # multiply-adds do not price int8
+            and sum(
+                kind.sketch_macs(dense[n], params, c)
+                for n in group.names
+                for c in recorded_calls(recorded, n)
+            )
+            < dense_cost  # saves no multiply-adds at the recorded shapes: not worth measuring
         )
-        < dense_cost  # saves no multiply-adds at the recorded shapes: not worth measuring
     ]
     seconds = (
         candidate_seconds(group, params_list, dense, recorded, build, plan_of, dense_seconds)
@@ -166,20 +174,10 @@ def group_options(
     candidates: list[Candidate] = []
     for params in params_list:
         cost = error = 0.0
-        modules: dict[str, nn.Module] | None = None
         for name in group.names:
-            init = params.get("init", kind.defaults.get("init"))
-            if closed and init in _CLOSED_FORM:
-                rank = 2 * int(params["num_terms"]) * int(params["low_rank"])
-                tails = spectra[name][str(init)]
-                error += tails[min(rank, len(tails) - 1)]
-            else:
-                sample = recorded.samples.get(name)
-                if sample is None:
-                    error = math.inf
-                else:
-                    modules = modules if modules is not None else build(plan_of(params))
-                    error += measured_error(dense[name], modules[name], sample)
+            error += predicted_error(
+                group, name, params, dense, recorded, spectra, lambda p: build(plan_of(p))
+            )
             if (name, shape_key(params)) in seconds:
                 calls = max(1, len(recorded.calls.get(name, ())))
                 cost += seconds[name, shape_key(params)] * calls
@@ -197,6 +195,39 @@ def group_options(
             steady = steady and max(again, first) <= _STEADY * min(again, first)
     kept = tuple(c for c in candidates if c.cost < dense_cost)
     return GroupOptions(group.key, dense_cost, kept, steady)
+
+
+def predicted_error(
+    group: Group,
+    name: str,
+    params: dict[str, Any],
+    dense: dict[str, nn.Module],
+    recorded: Recorded,
+    spectra: dict[str, dict[str, list[float]]],
+    built: Callable[[dict[str, Any]], dict[str, nn.Module]],
+) -> float:
+    """The relative output error of layer ``name`` at ``params`` (``inf``: cannot be predicted).
+
+    Closed form from the layer's spectra (when it has them) for factorized inits;
+    plus, for int8 factors, the increment they cause on the recorded call; measured
+    on the recorded call for everything else (the int8 weight, random sketches,
+    attention). ``built(params)`` gives the modules of a candidate by layer name.
+    """
+    init = params.get("init", group.kind.defaults.get("init"))
+    sample = recorded.samples.get(name)
+    if name in spectra and init in _CLOSED_FORM and params.get("low_rank") != FULL:
+        rank = 2 * int(params["num_terms"]) * int(params["low_rank"])
+        tails = spectra[name][str(init)]
+        error = tails[min(rank, len(tails) - 1)]
+        if params.get("quant", "none") == "none":
+            return error
+        if sample is None:
+            return math.inf
+        floats = built({**params, "quant": "none"})[name]
+        return error + quantization_increment(dense[name], floats, built(params)[name], sample)
+    if sample is None:
+        return math.inf
+    return measured_error(dense[name], built(params)[name], sample)
 
 
 def _monotone_costs(candidates: list[Candidate]) -> list[Candidate]:
@@ -255,6 +286,7 @@ def observed_layers(layout: StudyLayout) -> tuple[list[str], list[str]]:
         low_rank = isinstance(group.kind, LowRankKind) and group.copy_weights
         if low_rank and inits & {"svd", "activation"}:
             covariance.update(group.names)
-        if not low_rank or "sketch" in inits:
-            capture.update(group.names)
+        quants = set(group.space["quant"].grid()) if "quant" in group.space else set()
+        if not low_rank or "sketch" in inits or quants - {"none"}:
+            capture.update(group.names)  # int8 errors are measured on the recorded call
     return sorted(covariance), sorted(capture)
