@@ -57,11 +57,12 @@ MIXED = {
 
 def test_auto_offers_int8_only_where_it_can_pay() -> None:
     kind = LinearKind()
-    space = kind.auto_space(nn.Linear(512, 512))
-    assert space["quant"] == Categorical(["none", "int8"])
-    assert space["low_rank"].grid()[-1] == "full"  # the int8 weight, after every rank
-    assert space["low_rank"].first() == 1
-    for small in (nn.Linear(256, 512), nn.Linear(64, 1024)):  # int8 measured no faster there
+    for large in (nn.Linear(256, 256), nn.Linear(64, 1024), nn.Linear(1024, 4096)):
+        space = kind.auto_space(large)
+        assert space["quant"] == Categorical(["none", "int8"])
+        assert space["low_rank"].grid()[-1] == "full"  # the int8 weight, after every rank
+        assert space["low_rank"].first() == 1
+    for small in (nn.Linear(128, 128), nn.Linear(1024, 10)):  # int8 measured no faster there
         assert "quant" not in kind.auto_space(small)
     assert "quant" not in kind.auto_space(nn.Linear(512, 512).double())  # no int8 kernel
 

@@ -163,7 +163,7 @@ def test_malformed_plans_are_clear_errors(data: str, match: str) -> None:
         ),
         (
             {"fc1": {"type": "SKLinear", "params": {"rank": 2}, "seed": 0}},
-            r"\['rank'\] not valid for .*, which is sketched as SKLinear and takes \['init', 'low_rank', 'num_terms', 'quant'\]",
+            r"\['rank'\] not valid for .*, which is sketched as SKLinear and takes \['init', 'low_rank', 'num_terms'\]",
         ),
     ],
 )

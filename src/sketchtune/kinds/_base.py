@@ -82,6 +82,8 @@ class SketchKind:
             sketches (the int8 form of an ``nn.Linear``), that kind's name. A form
             kind is never looked up by dense type: selection and the search go
             through the primary kind, whose :meth:`plan_entry` names the form.
+        form_params: parameters that select another form rather than size the sketch
+            (``quant``); listed apart in error messages.
         extra_sketch_types: further module classes this kind builds (the int8-factor
             form of a sketch), so that ``sketch_of`` finds the kind for them too.
 
@@ -114,6 +116,7 @@ class SketchKind:
     defaults: ClassVar[Mapping[str, Any]] = {}
     accuracy_order: ClassVar[Mapping[str, Sequence[Any]]] = {}
     form_of: ClassVar[str | None] = None
+    form_params: ClassVar[tuple[str, ...]] = ()
     extra_sketch_types: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     # ------------------------------------------------------------------ identity
@@ -188,9 +191,11 @@ class SketchKind:
         """Raise on unknown names; return the required names ``given`` lacks."""
         unknown = sorted(set(given) - set(self.params))
         if unknown:
+            own = sorted(set(self.params) - set(self.form_params))
+            forms = f" (and {', '.join(self.form_params)} for its other forms)"
             raise ValueError(
                 f"{where}: parameter(s) {unknown} not valid for {self.describe(dense)}, which is "
-                f"sketched as {self.name} and takes {sorted(self.params)}."
+                f"sketched as {self.name} and takes {own}{forms if self.form_params else ''}."
             )
         return sorted(set(self.params) - set(given) - set(self.defaults))
 

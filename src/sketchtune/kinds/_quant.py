@@ -44,10 +44,12 @@ __all__ = ["FULL", "QUANTS", "Int8DenseKind", "Int8Forms", "int8_pays"]
 FULL = "full"
 QUANTS = ("none", "int8")
 #: ``params="auto"`` offers int8 on layers with both sides at least this wide ...
-INT8_MIN_SIDE = 256
-#: ... and at least this many multiply-adds per row (``benchmarks/int8_backends.py``:
-#: below that the per-call activation quantization costs what the int8 product saves)
-INT8_MIN_MACS = 512 * 512
+INT8_MIN_SIDE = 64
+#: ... and at least this many multiply-adds per row: measured on an AVX-512 VNNI CPU
+#: (docs/int8.md), 256x256 ran 2.2x faster at 64 rows and 4x at 1,040, while 128x128
+#: at 64 rows and a 1024->10 head did not gain (the per-call activation quantization
+#: costs about what the int8 product saves); the planner times every offer anyway
+INT8_MIN_MACS = 256 * 256
 
 
 def _quant(_: nn.Module, value: Any) -> str | None:
@@ -93,6 +95,7 @@ class Int8Forms(LowRankKind):
         "quant": _quant,
     }
     defaults: ClassVar[dict[str, Any]] = {**LowRankKind.defaults, "quant": "none"}
+    form_params = ("quant",)
     accuracy_order: ClassVar[dict[str, tuple[Any, ...]]] = {
         **LowRankKind.accuracy_order,
         "quant": QUANTS,
