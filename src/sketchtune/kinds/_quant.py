@@ -35,7 +35,7 @@ from torch import nn
 
 from sketchtune.kinds._base import BuildAids, CallShapes, SketchKind, Validator, positive_int
 from sketchtune.kinds._lowrank import LowRankKind
-from sketchtune.nn.int8 import Int8Linear, Int8SKLinear, to_torch_dynamic
+from sketchtune.nn.int8 import Int8Linear, Int8SKLinear, int8_kernel, to_torch_dynamic
 from sketchtune.space import Categorical, ParamSpec
 
 __all__ = ["FULL", "QUANTS", "Int8DenseKind", "Int8Forms", "int8_pays"]
@@ -68,12 +68,11 @@ def int8_pays(weight: torch.Tensor, d_in: int, d_out: int) -> bool:
     """Whether ``params="auto"`` offers int8 for a layer of this weight and size.
 
     Only where the int8 kernel runs (float32 weights on a CPU with the x86/fbgemm
-    quantized engine) and the layer is large enough for it to be faster.
+    quantized engine and torch's dynamic int8 ops: :func:`~sketchtune.nn.int8.int8_kernel`)
+    and the layer is large enough for it to be faster.
     """
     return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.quantized.engine in ("x86", "fbgemm")
+        int8_kernel(weight) == "fbgemm"
         and min(d_in, d_out) >= INT8_MIN_SIDE
         and d_in * d_out >= INT8_MIN_MACS
     )
