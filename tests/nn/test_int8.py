@@ -147,3 +147,17 @@ def test_torch_dynamic_linear_computes_the_same_as_int8linear() -> None:
     x = torch.randn(7, 96)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_the_bias_is_fused_at_inference_and_a_changed_bias_is_seen() -> None:
+    layer = Int8Linear.from_dense(_dense()).eval()
+    assert layer.bias is not None
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        before = layer(x)
+        layer.bias.add_(1.0)  # as an optimizer step would
+        torch.testing.assert_close(layer(x), before + 1.0, rtol=1e-5, atol=1e-5)
+    y = layer(x)  # with gradients: the bias outside the kernel, the same outputs
+    assert y.requires_grad
+    torch.testing.assert_close(y.detach(), before + 1.0, rtol=1e-5, atol=1e-5)

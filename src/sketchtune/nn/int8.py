@@ -10,8 +10,10 @@ The product runs on the best kernel the input allows (:func:`int8_kernel`):
 - ``"fbgemm"``: float32 inputs on a CPU whose quantized engine is ``x86`` or
   ``fbgemm``: ``torch.ops.quantized.linear_dynamic``, torch's dynamic int8 kernel
   (activations quantized per call, 7-bit as torch's own dynamic Linear does on x86),
-  on weights packed once and re-packed whenever ``qweight`` or ``scale`` change
-  (``load_state_dict``, ``copy_``, a replaced tensor, ``.to()``);
+  on weights packed once (with the bias, at inference) and re-packed whenever
+  ``qweight``, ``scale`` or the bias change (``load_state_dict``, ``copy_``, an
+  optimizer step, a replaced tensor, ``.to()``; not a write through ``.data``, which
+  no version counter sees: call ``set_weight`` instead);
 - ``"reference"``: every other case (CUDA, float64, bfloat16, no quantized engine):
   the dequantized weight times the unquantized input. Same weights, no speedup.
 
@@ -120,7 +122,8 @@ class Int8Linear(nn.Module):
             if bias
             else None
         )
-        self._packed: tuple[tuple[Any, ...], Any] | None = None
+        #: packed kernels by whether they hold the bias: ``(what they were packed from, packed)``
+        self._packed: dict[bool, tuple[tuple[Any, ...], Any]] = {}
 
     @classmethod
     def from_dense(cls, linear: nn.Module) -> Int8Linear:
@@ -169,9 +172,16 @@ class Int8Linear(nn.Module):
         x = input.reshape(-1, self.in_features)
         bias = self.bias
         if int8_kernel(x) == "fbgemm":
-            packed = self._packed_weight()
             y: torch.Tensor
-            if torch.is_grad_enabled() and x.requires_grad:
+            grads = torch.is_grad_enabled() and (
+                x.requires_grad or (bias is not None and bias.requires_grad)
+            )
+            if not grads:  # inference: the bias is added inside the kernel
+                return torch.ops.quantized.linear_dynamic(  # type: ignore[no-any-return]
+                    x, self._packed_weight(with_bias=True), True
+                ).reshape(*shape[:-1], self.out_features)
+            packed = self._packed_weight(with_bias=False)
+            if x.requires_grad:
                 y = _Int8Matmul.apply(x, packed, self.dequantized_weight())
             else:
                 y = torch.ops.quantized.linear_dynamic(x, packed, True)
@@ -183,11 +193,14 @@ class Int8Linear(nn.Module):
             )
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _packed_weight(self) -> Any:
-        """The weights packed for the fbgemm kernel, packed again when they have changed."""
-        q, scale = self.qweight, self.scale
-        key = (q.data_ptr(), q._version, scale.data_ptr(), scale._version, q.device)
-        if self._packed is None or self._packed[0] != key:
+    def _packed_weight(self, *, with_bias: bool) -> Any:
+        """The weights (and the bias) packed for the fbgemm kernel, packed again when changed."""
+        q, scale, bias = self.qweight, self.scale, self.bias
+        key: tuple[Any, ...] = (q.data_ptr(), q._version, scale.data_ptr(), scale._version)
+        if with_bias and bias is not None:
+            key += (bias.data_ptr(), bias._version, bias.dtype)
+        cached = self._packed.get(with_bias)
+        if cached is None or cached[0] != key:
             with warnings.catch_warnings():
                 # torch 2.13 deprecates qint8 tensors (pytorch#184982); this is the only use,
                 # to pack for the kernel: nothing is stored in that dtype
@@ -198,13 +211,14 @@ class Int8Linear(nn.Module):
                     torch.zeros(self.out_features, dtype=torch.long),
                     0,
                 )
-                packed = torch.ops.quantized.linear_prepack(qint8, None)
-            self._packed = (key, packed)
-        return self._packed[1]
+                fused = bias.detach().float().cpu() if with_bias and bias is not None else None
+                packed = torch.ops.quantized.linear_prepack(qint8, fused)
+            cached = self._packed[with_bias] = (key, packed)
+        return cached[1]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
-        state["_packed"] = None  # packed kernels are a cache: rebuilt on the next call
+        state["_packed"] = {}  # packed kernels are a cache: rebuilt on the next call
         return state
 
     def extra_repr(self) -> str:
