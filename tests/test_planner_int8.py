@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from sketchtune import LayerConfig, OptunaSearch, SKAutoTuner, SketchPlan, TuningConfigs
+from sketchtune._planner._costs import shape_key
 from sketchtune._planner._errors import closed_form_errors, measured_error
-from sketchtune._planner._options import Recorded, candidate_params, predicted_error
+from sketchtune._planner._options import Recorded, _dominated, candidate_params, predicted_error
 from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.nn import InputCovariance, Int8Linear, Int8SKLinear, SKLinear
 from sketchtune.nn.int8 import int8_kernel
@@ -175,3 +176,13 @@ def test_a_planned_search_runs_over_the_mixed_candidates() -> None:
             else:
                 assert layer is not None and layer.type == "SKLinear"
                 assert layer.params.get("quant", "none") == values.get("quant", "none")
+
+
+def test_int8_factors_timed_no_faster_than_their_float_twin_are_never_offered() -> None:
+    floats = {"num_terms": 1, "low_rank": 8, "init": "svd", "quant": "none"}
+    int8 = {**floats, "quant": "int8"}
+    costs = {shape_key(floats): 1.0, shape_key(int8): 1.2}
+    assert _dominated(int8, 1.2, costs)  # slower and (never) more accurate: skipped
+    assert not _dominated(int8, 0.8, costs)  # faster: a real trade, priced
+    assert not _dominated(floats, 1.0, costs)
+    assert not _dominated({"num_terms": 1, "low_rank": "full", "quant": "int8"}, 5.0, costs)

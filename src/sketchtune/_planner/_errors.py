@@ -35,7 +35,7 @@ from torch import nn
 from sketchtune._modes import eval_mode
 from sketchtune.nn import InputCovariance
 
-__all__ = ["closed_form_errors", "measured_error", "quantization_increment"]
+__all__ = ["closed_form_errors", "dense_output", "measured_error", "quantization_increment"]
 
 
 def closed_form_errors(
@@ -103,12 +103,21 @@ def _tails(energy: torch.Tensor) -> list[float]:
 
 
 def measured_error(
-    dense: nn.Module, sketch: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any]]
+    dense: nn.Module,
+    sketch: nn.Module,
+    sample: tuple[tuple[Any, ...], dict[str, Any]],
+    *,
+    reference: torch.Tensor | None = None,
 ) -> float:
-    """``||y_sketch - y||^2 / ||y||^2`` of one layer alone on a recorded call."""
+    """``||y_sketch - y||^2 / ||y||^2`` of one layer alone on a recorded call.
+
+    ``reference`` is the dense layer's output on that call (:func:`dense_output`),
+    when the caller measures several candidates of one layer.
+    """
     args, kwargs = sample
-    with torch.no_grad(), eval_mode(dense), eval_mode(sketch):
-        reference = _first_tensor(dense(*args, **kwargs)).double()
+    if reference is None:
+        reference = dense_output(dense, sample)
+    with torch.no_grad(), eval_mode(sketch):
         approx = _first_tensor(sketch(*args, **kwargs)).double()
     energy = float(reference.square().sum())
     error = float((approx - reference).square().sum())
@@ -117,14 +126,27 @@ def measured_error(
     return error / energy if energy > 0 else error
 
 
+def dense_output(dense: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any]]) -> torch.Tensor:
+    """The dense layer's output on a recorded call, in float64 (what errors are measured against)."""
+    args, kwargs = sample
+    with torch.no_grad(), eval_mode(dense):
+        return _first_tensor(dense(*args, **kwargs)).double()
+
+
 def quantization_increment(
     dense: nn.Module,
     float_sketch: nn.Module,
     int8_sketch: nn.Module,
     sample: tuple[tuple[Any, ...], dict[str, Any]],
+    *,
+    reference: torch.Tensor | None = None,
 ) -> float:
     """The relative output error int8 factors add to a sketch on a recorded call (never below 0)."""
-    added = measured_error(dense, int8_sketch, sample) - measured_error(dense, float_sketch, sample)
+    if reference is None:
+        reference = dense_output(dense, sample)
+    added = measured_error(dense, int8_sketch, sample, reference=reference) - measured_error(
+        dense, float_sketch, sample, reference=reference
+    )
     return max(0.0, added) if math.isfinite(added) else math.inf
 
 

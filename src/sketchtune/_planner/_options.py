@@ -26,7 +26,12 @@ from sketchtune._planner._costs import (
     shape_key,
     sketch_macs,
 )
-from sketchtune._planner._errors import closed_form_errors, measured_error, quantization_increment
+from sketchtune._planner._errors import (
+    closed_form_errors,
+    dense_output,
+    measured_error,
+    quantization_increment,
+)
 from sketchtune._search._studies import Group, StudyLayout
 from sketchtune.kinds._base import CallShapes
 from sketchtune.kinds._lowrank import LowRankKind
@@ -171,18 +176,39 @@ def group_options(
         if timed
         else {}
     )
-    candidates: list[Candidate] = []
-    for params in params_list:
-        cost = error = 0.0
+
+    def cost_of(params: dict[str, Any]) -> float:
+        cost = 0.0
         for name in group.names:
-            error += predicted_error(
-                group, name, params, dense, recorded, spectra, lambda p: build(plan_of(p))
-            )
             if (name, shape_key(params)) in seconds:
                 calls = max(1, len(recorded.calls.get(name, ())))
                 cost += seconds[name, shape_key(params)] * calls
             else:
                 cost += sketch_macs(group, name, dense, recorded, params)
+        return cost
+
+    costs = {shape_key(p): cost_of(p) for p in params_list}
+    references: dict[str, Any] = {}  # each layer's dense output on its recorded call
+    candidates: list[Candidate] = []
+    for params in params_list:
+        cost = costs[shape_key(params)]
+        if params.get("quant", "none") != "none" and (
+            cost >= dense_cost or _dominated(params, cost, costs)
+        ):
+            continue  # an int8 form that is never chosen: no error to measure
+        error = sum(
+            predicted_error(
+                group,
+                name,
+                params,
+                dense,
+                recorded,
+                spectra,
+                lambda p: build(plan_of(p)),
+                references=references,
+            )
+            for name in group.names
+        )
         if math.isfinite(error):
             candidates.append(Candidate(params, error, cost))
     if timed:
@@ -197,6 +223,19 @@ def group_options(
     return GroupOptions(group.key, dense_cost, kept, steady)
 
 
+def _dominated(params: dict[str, Any], cost: float, costs: dict[str, float]) -> bool:
+    """An int8-factor candidate timed no faster than the same sketch in float.
+
+    Its error is the float sketch's plus a non-negative increment, so it is never
+    a better trade than its float twin (at small ranks the per-call activation
+    quantization costs more than the int8 product saves).
+    """
+    if params.get("quant", "none") == "none" or params.get("low_rank") == FULL:
+        return False
+    twin = costs.get(shape_key({**params, "quant": "none"}))
+    return twin is not None and cost >= twin
+
+
 def predicted_error(
     group: Group,
     name: str,
@@ -205,16 +244,24 @@ def predicted_error(
     recorded: Recorded,
     spectra: dict[str, dict[str, list[float]]],
     built: Callable[[dict[str, Any]], dict[str, nn.Module]],
+    *,
+    references: dict[str, Any] | None = None,
 ) -> float:
     """The relative output error of layer ``name`` at ``params`` (``inf``: cannot be predicted).
 
     Closed form from the layer's spectra (when it has them) for factorized inits;
     plus, for int8 factors, the increment they cause on the recorded call; measured
     on the recorded call for everything else (the int8 weight, random sketches,
-    attention). ``built(params)`` gives the modules of a candidate by layer name.
+    attention). ``built(params)`` gives the modules of a candidate by layer name;
+    ``references`` keeps each layer's dense output across calls.
     """
     init = params.get("init", group.kind.defaults.get("init"))
     sample = recorded.samples.get(name)
+    reference = None
+    if sample is not None and references is not None:
+        if name not in references:
+            references[name] = dense_output(dense[name], sample)
+        reference = references[name]
     if name in spectra and init in _CLOSED_FORM and params.get("low_rank") != FULL:
         rank = 2 * int(params["num_terms"]) * int(params["low_rank"])
         tails = spectra[name][str(init)]
@@ -224,10 +271,12 @@ def predicted_error(
         if sample is None:
             return math.inf
         floats = built({**params, "quant": "none"})[name]
-        return error + quantization_increment(dense[name], floats, built(params)[name], sample)
+        return error + quantization_increment(
+            dense[name], floats, built(params)[name], sample, reference=reference
+        )
     if sample is None:
         return math.inf
-    return measured_error(dense[name], built(params)[name], sample)
+    return measured_error(dense[name], built(params)[name], sample, reference=reference)
 
 
 def _monotone_costs(candidates: list[Candidate]) -> list[Candidate]:
