@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -205,3 +207,47 @@ def test_the_summary_table_shows_each_layer_form() -> None:
         "quant=int8 |"
     ) in rows
     assert "| fc3 | low-rank | SKLinear | num_terms=1, low_rank=32 |" in rows
+
+
+def test_transformers_conv1d_has_the_same_int8_forms() -> None:
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    from sketchtune import export_plain
+    from sketchtune.export import load_folded_state_dict
+    from sketchtune.kinds.conv1d import Int8Conv1D, Int8SKConv1D
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc = Conv1D(1024, 256)  # nf, nx: 256 -> 1024, as GPT-2's MLP
+            self.c_proj = Conv1D(256, 1024)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c_proj(torch.relu(self.c_fc(x)))
+
+    torch.manual_seed(0)
+    dense = Blocks().eval()
+    assert kind_of(dense.c_fc).auto_space(dense.c_fc)["quant"].grid() == ["none", "int8"]  # type: ignore[union-attr]
+    plan = SketchPlan(
+        {
+            "c_fc": {"type": "Int8Conv1D", "params": {"quant": "int8"}, "seed": 0},
+            "c_proj": {
+                "type": "SKConv1D",
+                "params": {"num_terms": 1, "low_rank": 16, "init": "svd", "quant": "int8"},
+                "seed": 1,
+            },
+        }
+    )
+    tuned = apply_plan(copy.deepcopy(dense), plan)
+    assert isinstance(tuned.c_fc, Int8Conv1D) and (tuned.c_fc.nx, tuned.c_fc.nf) == (256, 1024)
+    assert isinstance(tuned.c_proj, Int8SKConv1D) and tuned.c_proj.nx == 1024
+    x = torch.randn(2, 5, 256)
+    with torch.no_grad():
+        reference = dense.c_fc(x)
+        error = (tuned.c_fc(x) - reference).norm() / reference.norm()
+        assert float(error) < 0.02  # the int8 form of W^T, not of W
+        plain = export_plain(tuned.eval())
+        torch.testing.assert_close(plain(x), tuned(x), rtol=1e-5, atol=1e-5)
+        fresh = load_folded_state_dict(Blocks(), plain.state_dict()).eval()
+        assert torch.equal(fresh(x), plain(x))
