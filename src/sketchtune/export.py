@@ -21,6 +21,16 @@ so the result holds only torch modules (and the model's own classes):
   the config and call :func:`load_folded_state_dict` with the saved weights
   instead (see the README, "Deploying without sketchtune").
 
+The int8 forms fold to torch's own dynamic int8 Linear
+(``torch.ao.nn.quantized.dynamic.Linear``, the module ``quantize_dynamic`` makes,
+with the same int8 weights and kernel): an ``Int8Linear`` to one, a sketch with
+int8 factors to two in an ``nn.Sequential``. Such a model loads its
+``state_dict`` through :func:`load_folded_state_dict` and runs under
+``torch.jit.script`` / ``torch.jit.trace`` (saved with ``torch.jit.save``) with
+torch alone; ``torch.export`` cannot trace torch's packed int8 weights (torch
+2.13: ``LinearPackedParamsBase ... does not have a field with name
+'__obj_flatten__'``), and neither can the ONNX exporter (see ``docs/int8.md``).
+
 Random-feature attention (``RandMultiHeadAttention``) has no plain-torch form;
 :func:`export_plain` says so, or leaves it in place with ``strict=False``.
 """
@@ -127,8 +137,10 @@ def load_folded_state_dict(
     two plain layers (one pair for a layer the model holds at several paths, so
     it stays shared), sized from those tensors: two ``nn.Linear`` for a Linear
     (or a transformers ``Conv1D``), a convolution with the dense layer's stride,
-    padding and dilation then a 1x1 convolution for a Conv2d. Then the
-    ``state_dict`` is loaded. Uses only torch.
+    padding and dilation then a 1x1 convolution for a Conv2d. A Linear (or
+    ``Conv1D``) saved as torch's dynamic int8 Linear (``<name>._packed_params``),
+    or as two of them (``<name>.0._packed_params``, ``<name>.1._packed_params``),
+    becomes those. Then the ``state_dict`` is loaded. Uses only torch.
 
     Args:
         model: the dense model, built as it was before tuning (weights do not matter).
@@ -139,36 +151,64 @@ def load_folded_state_dict(
     Returns:
         ``model``, changed in place.
     """
+
+    def int8(key: str) -> nn.Module | None:
+        """torch's dynamic int8 Linear sized from the packed weight saved at ``key``, if any."""
+        packed = state_dict.get(f"{key}._packed_params._packed_params")
+        if packed is None:
+            return None
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        qweight, bias = packed
+        return DynamicLinear(
+            qweight.shape[1], qweight.shape[0], bias_=bias is not None, dtype=torch.qint8
+        )
+
+    def plain_form(name: str, module: nn.Module, own: torch.Tensor) -> nn.Module | None:
+        """The folded form the ``state_dict`` holds for the dense layer ``module``, if any."""
+        quantized = int8(name)
+        if quantized is not None:
+            return quantized
+        down, up = int8(f"{name}.0"), int8(f"{name}.1")
+        if down is not None and up is not None:
+            return nn.Sequential(down, up)
+        first, second = state_dict.get(f"{name}.0.weight"), state_dict.get(f"{name}.1.weight")
+        if first is None or second is None:
+            return None
+        dtype, device = own.dtype, own.device
+        has_bias = f"{name}.1.bias" in state_dict
+        if first.dim() == 2:
+            down = nn.Linear(first.shape[1], first.shape[0], False, device, dtype)
+            up = nn.Linear(second.shape[1], second.shape[0], has_bias, device, dtype)
+            return nn.Sequential(down, up)
+        assert isinstance(module, nn.Conv2d)
+        spread = nn.Conv2d(
+            first.shape[1],
+            first.shape[0],
+            (first.shape[2], first.shape[3]),
+            stride=module.stride,  # type: ignore[arg-type]
+            padding=module.padding,  # type: ignore[arg-type]
+            dilation=module.dilation,  # type: ignore[arg-type]
+            bias=False,
+            device=device,
+            dtype=dtype,
+        )
+        combine = nn.Conv2d(
+            second.shape[1], second.shape[0], 1, bias=has_bias, device=device, dtype=dtype
+        )
+        return nn.Sequential(spread, combine)
+
     # every path, aliases included: a layer shared by two paths gets one plain pair at both
     replaced: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        first, second = state_dict.get(f"{name}.0.weight"), state_dict.get(f"{name}.1.weight")
         own = getattr(module, "_parameters", {}).get("weight")
-        if not name or first is None or second is None or own is None:
-            continue
-        if f"{name}.weight" in state_dict:
+        if not name or own is None or f"{name}.weight" in state_dict:
             continue
         plain = replaced.get(id(module))
         if plain is None:
-            kw = {"dtype": own.dtype, "device": own.device}
-            has_bias = f"{name}.1.bias" in state_dict
-            if first.dim() == 2:
-                down = nn.Linear(first.shape[1], first.shape[0], bias=False, **kw)
-                up = nn.Linear(second.shape[1], second.shape[0], bias=has_bias, **kw)
-                plain = nn.Sequential(down, up)
-            else:
-                spread = nn.Conv2d(
-                    first.shape[1],
-                    first.shape[0],
-                    (first.shape[2], first.shape[3]),
-                    stride=module.stride,
-                    padding=module.padding,
-                    dilation=module.dilation,
-                    bias=False,
-                    **kw,
-                )
-                combine = nn.Conv2d(second.shape[1], second.shape[0], 1, bias=has_bias, **kw)
-                plain = nn.Sequential(spread, combine)
+            plain = plain_form(name, module, own)
+            if plain is None:
+                continue
             plain.train(module.training)
             replaced[id(module)] = plain
         parent_name, _, attr = name.rpartition(".")

@@ -25,6 +25,7 @@ from torch import nn
 from sketchtune._atomic import write_text_atomic
 from sketchtune.registry import (
     BuildAids,
+    is_form_of,
     is_sketched,
     kind_named,
     kind_of,
@@ -309,7 +310,7 @@ def build_replacements(
                 f"layer {name!r} is already a {type(module).__name__}; apply the plan to a dense model."
             )
         kind = kind_of(module)
-        if kind is None or kind is not expected:
+        if kind is None or not is_form_of(expected, kind):
             reason = (
                 unsupported_reason(module) if kind is None else f"it is sketched as {kind.name}"
             )
@@ -322,6 +323,7 @@ def build_replacements(
                 f"the plan was made for {layer.dense} at {name!r}, but the model has "
                 f"{kind.describe(module)} there; use the plan with the model it was tuned on."
             )
+        kind = expected  # the form the plan names (a kind of its own, or the layer's kind)
         kind.check_params(module, layer.params, where=f"plan[{name!r}]")
         if bounded:  # a plan from a file or checkpoint: never bigger than the layer
             kind.check_size(module, layer.params, where=f"plan[{name!r}]")

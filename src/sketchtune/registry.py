@@ -9,6 +9,12 @@ grouped convolution). :func:`kind_of` maps a dense module to its kind,
 :func:`sketch_of` a sketched module, :func:`kind_named` a sketched type name as
 stored in plans.
 
+A kind may also be another *form* of the layers a primary kind sketches
+(``SketchKind.form_of``: the int8 form ``Int8Linear`` of ``nn.Linear``, whose
+primary kind is ``SKLinear``): it is named in plans and found for its modules,
+but never looked up by dense type, so selection and the search see one kind
+per layer (which names the form through ``SketchKind.plan_entry``).
+
 Kinds for optional libraries are registered lazily: transformers' ``Conv1D``
 kind is registered once ``transformers`` has been imported (a model that holds
 a ``Conv1D`` has imported it), or when a plan names ``"SKConv1D"``; sketchtune
@@ -24,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from sketchtune.kinds import AttentionKind, Conv2dKind, LinearKind
+from sketchtune.kinds import AttentionKind, Conv2dKind, Int8LinearKind, LinearKind
 from sketchtune.kinds._base import BuildAids, CallShapes, Override, Shape, SketchKind, Validator
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "Shape",
     "SketchKind",
     "Validator",
+    "is_form_of",
     "is_sketched",
     "kind_named",
     "kind_of",
@@ -53,6 +60,7 @@ _BY_SKETCH: dict[type, SketchKind] = {}
 # kind name -> (module that must be imported first, "module:KindClass" that defines the kind)
 _LAZY: dict[str, tuple[str, str]] = {
     "SKConv1D": ("transformers", "sketchtune.kinds.conv1d:Conv1DKind"),
+    "Int8Conv1D": ("transformers", "sketchtune.kinds.conv1d:Int8Conv1DKind"),
 }
 _LAZY_FAILED: dict[str, str] = {}  # kind name -> why it could not be registered
 
@@ -95,26 +103,39 @@ def register_kind(kind: SketchKind) -> SketchKind:
         _unregister(previous)
     clashes = [
         (_BY_NAME.get(kind.name), "name", kind.name),
-        (_BY_DENSE.get(kind.dense_type), "dense type", kind.dense_type.__name__),
-        (_BY_SKETCH.get(kind.sketch_type), "sketch type", kind.sketch_type.__name__),
+        *(
+            (_BY_SKETCH.get(sketch_type), "sketch type", sketch_type.__name__)
+            for sketch_type in _sketch_types(kind)
+        ),
     ]
+    if kind.form_of is None:  # a form shares its primary kind's dense type
+        clashes.append((_BY_DENSE.get(kind.dense_type), "dense type", kind.dense_type.__name__))
     for other, what, value in clashes:
         if other is not None:
             raise ValueError(
                 f"cannot register {type(kind).__name__}: {other.name} ({type(other).__name__}) "
                 f"already has the {what} {value!r}; give the new kind its own name, dense type "
-                "and sketch type (a subclass of them is fine)."
+                "and sketch type (a subclass of them is fine), or set form_of to register it "
+                "as another form of the kind that sketches its dense type."
             )
     _BY_NAME[kind.name] = kind
-    _BY_DENSE[kind.dense_type] = kind
-    _BY_SKETCH[kind.sketch_type] = kind
+    if kind.form_of is None:
+        _BY_DENSE[kind.dense_type] = kind
+    for sketch_type in _sketch_types(kind):
+        _BY_SKETCH[sketch_type] = kind
     return kind
+
+
+def _sketch_types(kind: SketchKind) -> tuple[type, ...]:
+    return (kind.sketch_type, *kind.extra_sketch_types)
 
 
 def _unregister(kind: SketchKind) -> None:
     _BY_NAME.pop(kind.name, None)
-    _BY_DENSE.pop(kind.dense_type, None)
-    _BY_SKETCH.pop(kind.sketch_type, None)
+    if _BY_DENSE.get(kind.dense_type) is kind:
+        _BY_DENSE.pop(kind.dense_type)
+    for sketch_type in _sketch_types(kind):
+        _BY_SKETCH.pop(sketch_type, None)
 
 
 def _register_lazy(name: str, *, import_trigger: bool) -> None:
@@ -224,7 +245,12 @@ def swapped_whole(module: nn.Module) -> bool:
 
 def supported_types() -> list[str]:
     """Names of the dense types that can be sketched."""
-    return [kind.dense_type.__name__ for kind in registered_kinds()]
+    return [kind.dense_type.__name__ for kind in registered_kinds() if kind.form_of is None]
+
+
+def is_form_of(kind: SketchKind, primary: SketchKind) -> bool:
+    """Whether plans may give a layer of ``primary``'s kind the form ``kind`` (itself included)."""
+    return kind is primary or kind.form_of == primary.name
 
 
 def unsupported_reason(module: nn.Module) -> str:
@@ -261,5 +287,6 @@ def swap_overrides(model: nn.Module, replacements: Mapping[str, nn.Module]) -> l
 
 
 LINEAR = register_kind(LinearKind())
+INT8_LINEAR = register_kind(Int8LinearKind())
 CONV2D = register_kind(Conv2dKind())
 MHA = register_kind(AttentionKind())

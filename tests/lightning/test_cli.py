@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -75,6 +76,35 @@ def test_callback_added_on_the_command_line(tmp_path: Path) -> None:
     done = _run([sys.executable, "-c", script, *args], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sketchtune: best plan sketches 1 layer(s)" in done.stderr + done.stdout
+
+
+def test_the_int8_forms_are_values_of_the_space_in_yaml(tmp_path: Path) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    # each form once: a float sketch, int8 factors, the int8 weight, the dense layer itself
+    space = {"num_terms": [1], "low_rank": [4, "full"], "quant": ["none", "int8"]}
+    config["sketch"]["configs"] = [{"layer_names": ["net.2"], "params": space}]
+    config["sketch"]["sampler"] = {
+        "class_path": "optuna.samplers.BruteForceSampler",
+        "init_args": {"seed": 0},
+    }
+    config["sketch"]["strategy"] = "sampler"  # the sampler alone: every combination once
+    config["sketch"]["n_trials"] = 4
+    config["sketch"]["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "int8.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = _run([*_sketchtune(), "fit", "--config", str(path)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "out" / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    # the plan entry's parameters: a float sketch has no quant, the int8 weight no rank
+    forms = {(row["net.2.form"], row["net.2.low_rank"], row["net.2.quant"]) for row in rows}
+    assert len(rows) == 4  # the four forms, each a trial
+    assert forms == {
+        ("low-rank", "4", ""),
+        ("low-rank, int8 factors", "4", "int8"),
+        ("int8", "", "int8"),
+        ("dense", "", ""),
+    }
 
 
 def _without_sketch(tmp_path: Path) -> Path:

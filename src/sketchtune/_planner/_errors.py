@@ -11,7 +11,17 @@ inputs, bias excluded):
   (``C = I`` when no covariance was gathered).
 
 Every other candidate is measured: the layer alone, built at the candidate, on
-the call recorded during the dense baseline (:func:`measured_error`).
+the call recorded during the dense baseline (:func:`measured_error`). That
+includes the int8 form of the dense layer.
+
+A sketch with int8 factors combines the two: its closed-form low-rank error plus
+the increment int8 factors cause, measured on the recorded call as the error of
+the int8 sketch minus that of the same sketch in float
+(:func:`quantization_increment`). On the recorded call this sum is exactly the
+int8 sketch's measured error (the increment holds the cross term between the
+truncation residual and the quantization noise, whatever its sign); on the
+calibration set it assumes that increment is representative, as the measured
+errors of every other candidate do.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from torch import nn
 from sketchtune._modes import eval_mode
 from sketchtune.nn import InputCovariance
 
-__all__ = ["closed_form_errors", "measured_error"]
+__all__ = ["closed_form_errors", "dense_output", "measured_error", "quantization_increment"]
 
 
 def closed_form_errors(
@@ -117,18 +127,51 @@ def _tails(energy: torch.Tensor) -> list[float]:
 
 
 def measured_error(
-    dense: nn.Module, sketch: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any]]
+    dense: nn.Module,
+    sketch: nn.Module,
+    sample: tuple[tuple[Any, ...], dict[str, Any]],
+    *,
+    reference: torch.Tensor | None = None,
 ) -> float:
-    """``||y_sketch - y||^2 / ||y||^2`` of one layer alone on a recorded call."""
+    """``||y_sketch - y||^2 / ||y||^2`` of one layer alone on a recorded call.
+
+    ``reference`` is the dense layer's output on that call (:func:`dense_output`),
+    when the caller measures several candidates of one layer.
+    """
     args, kwargs = sample
-    with torch.no_grad(), eval_mode(dense), eval_mode(sketch):
-        reference = _first_tensor(dense(*args, **kwargs)).double()
+    if reference is None:
+        reference = dense_output(dense, sample)
+    with torch.no_grad(), eval_mode(sketch):
         approx = _first_tensor(sketch(*args, **kwargs)).double()
     energy = float(reference.square().sum())
     error = float((approx - reference).square().sum())
     if not math.isfinite(error):
         return math.inf
     return error / energy if energy > 0 else error
+
+
+def dense_output(dense: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any]]) -> torch.Tensor:
+    """The dense layer's output on a recorded call, in float64 (what errors are measured against)."""
+    args, kwargs = sample
+    with torch.no_grad(), eval_mode(dense):
+        return _first_tensor(dense(*args, **kwargs)).double()
+
+
+def quantization_increment(
+    dense: nn.Module,
+    float_sketch: nn.Module,
+    int8_sketch: nn.Module,
+    sample: tuple[tuple[Any, ...], dict[str, Any]],
+    *,
+    reference: torch.Tensor | None = None,
+) -> float:
+    """The relative output error int8 factors add to a sketch on a recorded call (never below 0)."""
+    if reference is None:
+        reference = dense_output(dense, sample)
+    added = measured_error(dense, int8_sketch, sample, reference=reference) - measured_error(
+        dense, float_sketch, sample, reference=reference
+    )
+    return max(0.0, added) if math.isfinite(added) else math.inf
 
 
 def _first_tensor(output: Any) -> torch.Tensor:

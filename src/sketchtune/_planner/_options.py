@@ -1,7 +1,8 @@
 """Per-layer options of the planner: each candidate's predicted output error and cost.
 
 Errors come from :mod:`._errors` (closed form from the spectra, or measured on a
-recorded call); costs are multiply-adds of every recorded call, or, when speed is
+recorded call; int8 candidates are measured, and a sketch with int8 factors adds
+the increment its int8 factors cause on the recorded call to its closed form); costs are multiply-adds of every recorded call, or, when speed is
 measured, the layer timed alone on its recorded call (:mod:`._costs`), dense and
 at each candidate; candidates no faster than the dense layer are dropped.
 """
@@ -25,10 +26,16 @@ from sketchtune._planner._costs import (
     shape_key,
     sketch_macs,
 )
-from sketchtune._planner._errors import closed_form_errors, measured_error
+from sketchtune._planner._errors import (
+    closed_form_errors,
+    dense_output,
+    measured_error,
+    quantization_increment,
+)
 from sketchtune._search._studies import Group, StudyLayout
 from sketchtune.kinds._base import CallShapes
 from sketchtune.kinds._lowrank import LowRankKind
+from sketchtune.kinds._quant import FULL
 from sketchtune.nn import InputCovariance
 from sketchtune.plan import SketchPlan
 
@@ -40,6 +47,7 @@ __all__ = [
     "closed_form_errors",
     "dense_macs",
     "estimate_from_macs",
+    "predicted_error",
     "observed_layers",
 ]
 
@@ -98,7 +106,9 @@ def candidate_params(group: Group) -> list[dict[str, Any]]:
 
     For low-rank kinds ``num_terms * low_rank`` is what matters (cost and
     factorized error depend on the total rank only), so each product keeps its
-    smallest ``num_terms``.
+    smallest ``num_terms``; ``low_rank="full"`` (no factorization: the int8 weight)
+    is one candidate whatever ``num_terms`` and ``init``, and values that describe
+    the dense layer itself (``low_rank="full", quant="none"``) are none.
 
     Raises:
         ValueError: a parameter has no finite grid (a continuous ``Float``).
@@ -110,13 +120,13 @@ def candidate_params(group: Group) -> list[dict[str, Any]]:
     if isinstance(group.kind, LowRankKind) and {"num_terms", "low_rank"} <= set(grids):
         kept: dict[tuple[Any, ...], dict[str, Any]] = {}
         for params in sorted(combos, key=lambda p: p["num_terms"]):
-            others = tuple(
-                sorted(
-                    (k, repr(v)) for k, v in params.items() if k not in ("num_terms", "low_rank")
-                )
-            )
-            kept.setdefault((params["num_terms"] * params["low_rank"], others), params)
+            full = params["low_rank"] == FULL
+            ignored = ("num_terms", "low_rank", "init") if full else ("num_terms", "low_rank")
+            others = tuple(sorted((k, repr(v)) for k, v in params.items() if k not in ignored))
+            total = FULL if full else params["num_terms"] * params["low_rank"]
+            kept.setdefault((total, others), params)
         combos = list(kept.values())
+    combos = [params for params in combos if group.kind.plan_entry(params) is not None]
     if len(combos) > MAX_CANDIDATES:
         step = len(combos) / MAX_CANDIDATES
         combos = [combos[int(i * step)] for i in range(MAX_CANDIDATES)]
@@ -154,40 +164,54 @@ def group_options(
         params
         for params in candidate_params(group)
         if timed
-        or sum(
-            kind.sketch_macs(dense[n], params, c)
-            for n in group.names
-            for c in recorded_calls(recorded, n)
+        or (
+            params.get("quant", "none") == "none"  # multiply-adds do not price int8
+            and sum(
+                kind.sketch_macs(dense[n], params, c)
+                for n in group.names
+                for c in recorded_calls(recorded, n)
+            )
+            < dense_cost  # saves no multiply-adds at the recorded shapes: not worth measuring
         )
-        < dense_cost  # saves no multiply-adds at the recorded shapes: not worth measuring
     ]
     seconds = (
         candidate_seconds(group, params_list, dense, recorded, build, plan_of, dense_seconds)
         if timed
         else {}
     )
-    candidates: list[Candidate] = []
-    for params in params_list:
-        cost = error = 0.0
-        modules: dict[str, nn.Module] | None = None
+
+    def cost_of(params: dict[str, Any]) -> float:
+        cost = 0.0
         for name in group.names:
-            init = params.get("init", kind.defaults.get("init"))
-            if closed and init in _CLOSED_FORM:
-                rank = 2 * int(params["num_terms"]) * int(params["low_rank"])
-                tails = spectra[name][str(init)]
-                error += tails[min(rank, len(tails) - 1)]
-            else:
-                sample = recorded.samples.get(name)
-                if sample is None:
-                    error = math.inf
-                else:
-                    modules = modules if modules is not None else build(plan_of(params))
-                    error += measured_error(dense[name], modules[name], sample)
             if (name, shape_key(params)) in seconds:
                 calls = max(1, len(recorded.calls.get(name, ())))
                 cost += seconds[name, shape_key(params)] * calls
             else:
                 cost += sketch_macs(group, name, dense, recorded, params)
+        return cost
+
+    costs = {shape_key(p): cost_of(p) for p in params_list}
+    references: dict[str, Any] = {}  # each layer's dense output on its recorded call
+    candidates: list[Candidate] = []
+    for params in params_list:
+        cost = costs[shape_key(params)]
+        if params.get("quant", "none") != "none" and (
+            cost >= dense_cost or _dominated(params, cost, costs)
+        ):
+            continue  # an int8 form that is never chosen: no error to measure
+        error = sum(
+            predicted_error(
+                group,
+                name,
+                params,
+                dense,
+                recorded,
+                spectra,
+                lambda p: build(plan_of(p)),
+                references=references,
+            )
+            for name in group.names
+        )
         if math.isfinite(error):
             candidates.append(Candidate(params, error, cost))
     if timed:
@@ -219,7 +243,8 @@ def estimate_from_macs(
     """``option`` with its timed costs replaced by multiply-adds at ``seconds_per_mac``.
 
     For a group whose timing stayed unsteady: its errors stand, its costs come from
-    the rate the steady groups were timed at, so every cost keeps one unit.
+    the rate the steady groups were timed at, so every cost keeps one unit. int8
+    candidates are dropped: their multiply-adds say nothing of their speed.
     """
     dense_cost = seconds_per_mac * dense_macs(group, dense, recorded)
     candidates = [
@@ -230,9 +255,66 @@ def estimate_from_macs(
             * sum(sketch_macs(group, n, dense, recorded, c.params) for n in group.names),
         )
         for c in option.candidates
+        if c.params.get("quant", "none") == "none"  # multiply-adds do not price int8
     ]
     kept = tuple(c for c in candidates if c.cost < dense_cost)
     return GroupOptions(option.key, dense_cost, kept, steady=True, estimated=True)
+
+
+def _dominated(params: dict[str, Any], cost: float, costs: dict[str, float]) -> bool:
+    """An int8-factor candidate timed no faster than the same sketch in float.
+
+    Its error is the float sketch's plus a non-negative increment, so it is never
+    a better trade than its float twin (at small ranks the per-call activation
+    quantization costs more than the int8 product saves).
+    """
+    if params.get("quant", "none") == "none" or params.get("low_rank") == FULL:
+        return False
+    twin = costs.get(shape_key({**params, "quant": "none"}))
+    return twin is not None and cost >= twin
+
+
+def predicted_error(
+    group: Group,
+    name: str,
+    params: dict[str, Any],
+    dense: dict[str, nn.Module],
+    recorded: Recorded,
+    spectra: dict[str, dict[str, list[float]]],
+    built: Callable[[dict[str, Any]], dict[str, nn.Module]],
+    *,
+    references: dict[str, Any] | None = None,
+) -> float:
+    """The relative output error of layer ``name`` at ``params`` (``inf``: cannot be predicted).
+
+    Closed form from the layer's spectra (when it has them) for factorized inits;
+    plus, for int8 factors, the increment they cause on the recorded call; measured
+    on the recorded call for everything else (the int8 weight, random sketches,
+    attention). ``built(params)`` gives the modules of a candidate by layer name;
+    ``references`` keeps each layer's dense output across calls.
+    """
+    init = params.get("init", group.kind.defaults.get("init"))
+    sample = recorded.samples.get(name)
+    reference = None
+    if sample is not None and references is not None:
+        if name not in references:
+            references[name] = dense_output(dense[name], sample)
+        reference = references[name]
+    if name in spectra and init in _CLOSED_FORM and params.get("low_rank") != FULL:
+        rank = 2 * int(params["num_terms"]) * int(params["low_rank"])
+        tails = spectra[name][str(init)]
+        error = tails[min(rank, len(tails) - 1)]
+        if params.get("quant", "none") == "none":
+            return error
+        if sample is None:
+            return math.inf
+        floats = built({**params, "quant": "none"})[name]
+        return error + quantization_increment(
+            dense[name], floats, built(params)[name], sample, reference=reference
+        )
+    if sample is None:
+        return math.inf
+    return measured_error(dense[name], built(params)[name], sample, reference=reference)
 
 
 def _monotone_costs(candidates: list[Candidate]) -> list[Candidate]:
@@ -291,6 +373,7 @@ def observed_layers(layout: StudyLayout) -> tuple[list[str], list[str]]:
         low_rank = isinstance(group.kind, LowRankKind) and group.copy_weights
         if low_rank and inits & {"svd", "activation"}:
             covariance.update(group.names)
-        if not low_rank or "sketch" in inits:
-            capture.update(group.names)
+        quants = set(group.space["quant"].grid()) if "quant" in group.space else set()
+        if not low_rank or "sketch" in inits or quants - {"none"}:
+            capture.update(group.names)  # int8 errors are measured on the recorded call
     return sorted(covariance), sorted(capture)

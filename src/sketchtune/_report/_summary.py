@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from sketchtune._redact import redact
 from sketchtune._report._mark import KeptMark
 from sketchtune.plan import SketchPlan
+from sketchtune.registry import kind_named
 
 __all__ = ["DASHBOARD_NOTE", "RunSummary", "TimingSetup"]
 
@@ -118,10 +119,11 @@ class RunSummary:
             "",
         ]
         if self.plan:
-            lines += ["| layer | sketched as | parameters |", "|---|---|---|"]
+            lines += ["| layer | form | sketched as | parameters |", "|---|---|---|---|"]
             for name, layer in self.plan.items():
                 params = ", ".join(f"{k}={v}" for k, v in layer.params.items())
-                lines.append(f"| {name} | {layer.type} | {params} |")
+                form = kind_named(layer.type).form(layer.params)
+                lines.append(f"| {name} | {form} | {layer.type} | {params} |")
         else:
             lines.append(
                 f"Nothing was kept: {self.verdict}"

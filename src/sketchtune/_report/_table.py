@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sketchtune._report._mark import KeptMark, speed_source
+from sketchtune.registry import kind_named
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,8 +49,9 @@ _BEFORE_PARAMS = ["study", "trial", "optuna_number", "state", "feasible", "kept"
 
 def results_table(records: Sequence[TrialRecord], kept: KeptMark | None = None) -> pd.DataFrame:
     """One row per trial, for ``results.csv``: the study, the trial as logged, what it
-    sketched (a column ``<layer>.<param>`` per layer parameter) and its figures, units in
-    the column names.
+    sketched (per layer a column ``<layer>.form``: ``dense``, ``low-rank``, ``int8``,
+    ``low-rank, int8 factors`` or ``random features``, and a column ``<layer>.<param>``
+    per parameter of its plan entry) and its figures, units in the column names.
 
     ``kept`` marks the kept trial(s) and gives their ``confirmed_speedup_x``: the
     figure the kept plan was confirmed at, as the study's ``"sketchtune:kept"`` record
@@ -60,7 +62,7 @@ def results_table(records: Sequence[TrialRecord], kept: KeptMark | None = None) 
     a speed function's own unit otherwise.
 
     Columns: ``study``, ``trial``, ``optuna_number``, ``state``, ``feasible``, ``kept``,
-    ``layers``, the ``<layer>.<param>`` columns, then ``accuracy``, ``speedup_x``,
+    ``layers``, the ``<layer>.form`` and ``<layer>.<param>`` columns, then ``accuracy``, ``speedup_x``,
     ``speedup_source``, ``confirmed``, ``confirmed_speedup_x``, ``speedup_lower_x``,
     ``speedup_upper_x``, ``rounds``, ``throughput_samples_per_s``,
     ``dense_throughput_samples_per_s``, ``flops_speedup_x``, ``duplicate_of``,
@@ -74,7 +76,11 @@ def results_table(records: Sequence[TrialRecord], kept: KeptMark | None = None) 
             params = layer_params.setdefault(name, [])
             params.extend(p for p in layer.get("params", {}) if p not in params)
     layer_params = {name: layer_params[name] for name in sorted(layer_params, key=_natural)}
-    param_columns = [f"{name}.{p}" for name, params in layer_params.items() for p in params]
+    param_columns = [
+        column
+        for name, params in layer_params.items()
+        for column in (f"{name}.form", *(f"{name}.{p}" for p in params))
+    ]
     rows = [_row(record, layer_params, kept) for record in records]
     columns = [*_BEFORE_PARAMS, *param_columns, *_after_params()]
     return pd.DataFrame(
@@ -94,6 +100,14 @@ def results_table(records: Sequence[TrialRecord], kept: KeptMark | None = None) 
 def _natural(name: str) -> list[Any]:
     """``net.2`` before ``net.10``: numbers in layer names compare as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _form(type_name: str, params: dict[str, Any]) -> str:
+    """The layer's form in words (``"low-rank"``, ``"int8"``, ...); its type if unknown."""
+    try:
+        return kind_named(type_name).form(params)
+    except ValueError:  # a kind no longer registered
+        return type_name
 
 
 def _after_params() -> list[str]:
@@ -120,7 +134,9 @@ def _row(
         "layers": " ".join(record.plan),
     }
     for name, params in layer_params.items():
-        values = record.plan.get(name, {}).get("params", {})
+        layer = record.plan.get(name)
+        values = {} if layer is None else layer.get("params", {})
+        row[f"{name}.form"] = "dense" if layer is None else _form(layer["type"], values)
         row.update({f"{name}.{p}": values.get(p) for p in params})
     row.update(
         accuracy=record.accuracy,

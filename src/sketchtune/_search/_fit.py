@@ -49,8 +49,9 @@ def _fit_spec(
         invalid = [c for c in spec.choices if c not in valid]
         if not valid:
             raise _nothing_left(kind, dense, param, spec, reason(invalid[0]), where)
-        if all(_is_number(c) for c in spec.choices) and min(invalid) > max(valid):
-            return Categorical(valid)  # values above this layer's limit
+        numbers = [c for c in valid if _is_number(c)]
+        if all(_is_number(c) for c in invalid) and numbers and min(invalid) > max(numbers):
+            return Categorical(valid)  # values above this layer's limit ("full" may stay)
         # not a size limit (0 ranks, an unknown init): wrong for every layer
         raise ValueError(
             f"{where}: {param}={spec!r} allows {invalid[0]!r}, which is not valid for "

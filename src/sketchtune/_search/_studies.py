@@ -227,7 +227,7 @@ class StudyLayout:
         for group in self.groups:
             if name in group.names:
                 terms = max(group.space["num_terms"].grid())
-                rank = max(group.space["low_rank"].grid())
+                rank = max(_ranks(group.space["low_rank"]), default=1)
                 return int(2 * terms * rank)
         raise KeyError(name)  # pragma: no cover - only selected layers are built
 
@@ -250,10 +250,14 @@ class StudyLayout:
         for group in groups:
             if group.key not in values:
                 continue
+            # the form the values select (an int8 form may be a type of its own); None: dense
+            entry = group.kind.plan_entry(values[group.key])
+            if entry is None:
+                continue
             for name in group.names:
                 layers[name] = LayerPlan(
-                    type=group.kind.name,
-                    params=dict(values[group.key]),
+                    type=entry[0],
+                    params=dict(entry[1]),
                     seed=self.layer_seed(name),
                     copy_weights=group.copy_weights,
                     dense=group.kind.describe(self.dense[name]),
@@ -347,7 +351,7 @@ def _warn_costly(
     if not {"num_terms", "low_rank"} <= set(space):
         return
     try:
-        top = {p: max(space[p].grid()) for p in ("num_terms", "low_rank")}
+        top = {p: max(_ranks(space[p])) for p in ("num_terms", "low_rank")}
     except (ValueError, TypeError):
         return
     if kind.sketch_macs(dense, top, ()) >= kind.dense_macs(dense, ()):
@@ -359,6 +363,11 @@ def _warn_costly(
             f"{budget:.1f}, where the sketch costs as much as the dense layer; those trials are "
             "measured but cannot be faster. Narrow the space, or use params='auto'."
         )
+
+
+def _ranks(spec: ParamSpec) -> list[int]:
+    """The numeric values of a size parameter (``low_rank`` may also be ``"full"``: no factorization)."""
+    return [v for v in spec.grid() if isinstance(v, int) and not isinstance(v, bool)]
 
 
 def _joint_key(names: list[str]) -> str:

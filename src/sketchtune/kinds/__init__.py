@@ -10,7 +10,9 @@ part of sketchtune (selection, plans, the tuner, the FLOP model, export) uses.
 
 Built in: :class:`LinearKind`, :class:`Conv2dKind`, :class:`AttentionKind`,
 and ``Conv1DKind`` (transformers' ``Conv1D``, registered when transformers is
-imported; see :mod:`sketchtune.kinds.conv1d`).
+imported; see :mod:`sketchtune.kinds.conv1d`); and the int8 forms of the Linear
+and Conv1D layers, :class:`Int8LinearKind` and ``Int8Conv1DKind`` (see
+:mod:`sketchtune.kinds._quant`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from sketchtune.kinds._base import BuildAids, CallShapes, Override, SketchKind, 
 from sketchtune.kinds._lowrank import LowRankKind
 from sketchtune.kinds.attention import AttentionKind
 from sketchtune.kinds.conv2d import Conv2dKind
-from sketchtune.kinds.linear import LinearKind
+from sketchtune.kinds.linear import Int8LinearKind, LinearKind
 
 __all__ = [
     "AttentionKind",
     "BuildAids",
     "CallShapes",
     "Conv2dKind",
+    "Int8LinearKind",
     "LinearKind",
     "LowRankKind",
     "Override",

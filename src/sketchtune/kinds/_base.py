@@ -78,6 +78,14 @@ class SketchKind:
         defaults: parameters that may be left out, with the value used then.
         accuracy_order: for categorical parameters, values from the most to the
             least accurate (numbers default to "larger is more accurate").
+        form_of: for a kind that is another *form* of the layers a primary kind
+            sketches (the int8 form of an ``nn.Linear``), that kind's name. A form
+            kind is never looked up by dense type: selection and the search go
+            through the primary kind, whose :meth:`plan_entry` names the form.
+        form_params: parameters that select another form rather than size the sketch
+            (``quant``); listed apart in error messages.
+        extra_sketch_types: further module classes this kind builds (the int8-factor
+            form of a sketch), so that ``sketch_of`` finds the kind for them too.
 
     Example:
         A kind for a toy layer is one subclass and one ``register_kind`` call
@@ -107,6 +115,9 @@ class SketchKind:
     params: ClassVar[Mapping[str, Validator]]
     defaults: ClassVar[Mapping[str, Any]] = {}
     accuracy_order: ClassVar[Mapping[str, Sequence[Any]]] = {}
+    form_of: ClassVar[str | None] = None
+    form_params: ClassVar[tuple[str, ...]] = ()
+    extra_sketch_types: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     # ------------------------------------------------------------------ identity
 
@@ -121,6 +132,20 @@ class SketchKind:
     def params_of(self, sketched: nn.Module) -> dict[str, Any]:
         """The parameters a sketched layer was built with."""
         return {name: getattr(sketched, name) for name in self.params}
+
+    def form(self, params: Mapping[str, Any]) -> str:
+        """A layer's form in words, for tables (``"low-rank"``, ``"int8"``, ...)."""
+        return "sketch"
+
+    def plan_entry(self, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """The plan's ``(type, params)`` for a search's parameter values, or ``None``.
+
+        ``None`` means the values describe the dense layer itself: the layer is left
+        out of the plan. The default writes the values as they are under :attr:`name`;
+        a kind with several forms names the form they select (see
+        :mod:`sketchtune.kinds._quant`).
+        """
+        return self.name, dict(params)
 
     # ------------------------------------------------------------------ parameters
 
@@ -166,9 +191,11 @@ class SketchKind:
         """Raise on unknown names; return the required names ``given`` lacks."""
         unknown = sorted(set(given) - set(self.params))
         if unknown:
+            own = sorted(set(self.params) - set(self.form_params))
+            forms = f" (and {', '.join(self.form_params)} for its other forms)"
             raise ValueError(
                 f"{where}: parameter(s) {unknown} not valid for {self.describe(dense)}, which is "
-                f"sketched as {self.name} and takes {sorted(self.params)}."
+                f"sketched as {self.name} and takes {own}{forms if self.form_params else ''}."
             )
         return sorted(set(self.params) - set(given) - set(self.defaults))
 

@@ -68,6 +68,9 @@ class LowRankKind(SketchKind):
 
     # ------------------------------------------------------------------ SketchKind
 
+    def form(self, params: Mapping[str, Any]) -> str:
+        return "low-rank"
+
     def validate(self, param: str, dense: nn.Module, value: Any) -> str | None:
         reason = super().validate(param, dense, value)
         if reason is None and param == "low_rank":

@@ -41,6 +41,9 @@ class AttentionKind(SketchKind):
         assert isinstance(dense, nn.MultiheadAttention)
         return f"MultiheadAttention(embed_dim={dense.embed_dim}, num_heads={dense.num_heads})"
 
+    def form(self, params: Mapping[str, Any]) -> str:
+        return "random features"
+
     def check_size(self, dense: nn.Module, params: Mapping[str, Any], *, where: str) -> None:
         assert isinstance(dense, nn.MultiheadAttention)
         m = params.get("num_random_features")

@@ -20,11 +20,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sketchtune.kinds._base import CallShapes
-from sketchtune.kinds._lowrank import LowRankKind
+from sketchtune.kinds._quant import Int8DenseKind, Int8Forms
 from sketchtune.kinds.linear import fold_linear_sketch
-from sketchtune.nn import SKLinear
+from sketchtune.nn import Int8Linear, Int8SKLinear, SKLinear
 
-__all__ = ["Conv1DKind", "SKConv1D"]
+__all__ = ["Conv1DKind", "Int8Conv1D", "Int8Conv1DKind", "Int8SKConv1D", "SKConv1D"]
 
 
 class SKConv1D(SKLinear):
@@ -52,12 +52,43 @@ class SKConv1D(SKLinear):
         return self.in_features
 
 
-class Conv1DKind(LowRankKind):
-    """transformers' ``Conv1D`` -> :class:`SKConv1D`, priced and built like a Linear of ``W^T``."""
+class Int8Conv1D(Int8Linear):
+    """The int8 form of a transformers ``Conv1D``: an :class:`~sketchtune.nn.Int8Linear` of ``W^T``."""
+
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        return self.in_features
+
+
+class Int8SKConv1D(Int8SKLinear):
+    """The sketch of a transformers ``Conv1D`` with int8 factors (an :class:`~sketchtune.nn.Int8SKLinear`)."""
+
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        return self.in_features
+
+
+class Conv1DKind(Int8Forms):
+    """transformers' ``Conv1D`` -> :class:`SKConv1D`, priced and built like a Linear of ``W^T``.
+
+    With the int8 forms of :class:`~sketchtune.kinds.LinearKind`: int8 factors
+    (:class:`Int8SKConv1D`) and int8 weights (:class:`Int8Conv1DKind`).
+    """
 
     name = "SKConv1D"
     dense_type = Conv1D
     sketch_type = SKConv1D
+    extra_sketch_types = (Int8SKConv1D,)
+    int8_form = "Int8Conv1D"
+    int8_sketch_type = Int8SKConv1D
 
     def describe(self, dense: nn.Module) -> str:
         nx, nf = self.io(dense)
@@ -82,4 +113,16 @@ class Conv1DKind(LowRankKind):
         return weight.detach().t()
 
     def fold(self, sketched: nn.Module) -> nn.Module:
+        if isinstance(sketched, Int8SKLinear):
+            return super().fold(sketched)  # two int8 Linears
         return fold_linear_sketch(sketched)
+
+
+class Int8Conv1DKind(Int8DenseKind):
+    """transformers' ``Conv1D`` -> :class:`Int8Conv1D` (int8 ``W^T``); a form of :class:`Conv1DKind`."""
+
+    name = "Int8Conv1D"
+    dense_type = Conv1D
+    sketch_type = Int8Conv1D
+    form_of = "SKConv1D"
+    base = Conv1DKind

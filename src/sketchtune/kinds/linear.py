@@ -10,14 +10,19 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from sketchtune.kinds._base import CallShapes
-from sketchtune.kinds._lowrank import LowRankKind, sketch_factors
-from sketchtune.nn import SKLinear
+from sketchtune.kinds._lowrank import sketch_factors
+from sketchtune.kinds._quant import Int8DenseKind, Int8Forms
+from sketchtune.nn import Int8Linear, Int8SKLinear, SKLinear
 
-__all__ = ["LinearKind", "fold_linear_sketch"]
+__all__ = ["Int8LinearKind", "LinearKind", "fold_linear_sketch"]
 
 
-class LinearKind(LowRankKind):
+class LinearKind(Int8Forms):
     """``nn.Linear`` -> :class:`~sketchtune.nn.SKLinear`, ``2Lk(d_in + d_out)`` multiply-adds per row.
+
+    Also the int8 forms (:mod:`sketchtune.kinds._quant`): ``quant="int8"`` gives the
+    sketch int8 factors (:class:`~sketchtune.nn.Int8SKLinear`), and
+    ``low_rank="full", quant="int8"`` is the :class:`Int8LinearKind` form.
 
     ``NonDynamicallyQuantizableLinear`` (the ``out_proj`` of an
     ``nn.MultiheadAttention``, whose forward is never called) is not sketched
@@ -27,6 +32,9 @@ class LinearKind(LowRankKind):
     name = "SKLinear"
     dense_type = nn.Linear
     sketch_type = SKLinear
+    extra_sketch_types = (Int8SKLinear,)
+    int8_form = "Int8Linear"
+    int8_sketch_type = Int8SKLinear
 
     def describe(self, dense: nn.Module) -> str:
         assert isinstance(dense, nn.Linear)
@@ -50,7 +58,23 @@ class LinearKind(LowRankKind):
         return {"in_features": in_features, "out_features": out_features}
 
     def fold(self, sketched: nn.Module) -> nn.Module:
+        if isinstance(sketched, Int8SKLinear):
+            return super().fold(sketched)  # two int8 Linears
         return fold_linear_sketch(sketched)
+
+
+class Int8LinearKind(Int8DenseKind):
+    """``nn.Linear`` -> :class:`~sketchtune.nn.Int8Linear`: int8 weights, int8 activations per call.
+
+    A form of :class:`LinearKind` (plans say ``"Int8Linear"``); folds to torch's own
+    ``torch.ao.nn.quantized.dynamic.Linear``.
+    """
+
+    name = "Int8Linear"
+    dense_type = nn.Linear
+    sketch_type = Int8Linear
+    form_of = "SKLinear"
+    base = LinearKind
 
 
 def fold_linear_sketch(sketched: nn.Module) -> nn.Sequential:
