@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -12,7 +13,14 @@ from torch import nn
 from sketchtune import LayerConfig, OptunaSearch, SKAutoTuner, SketchPlan, TuningConfigs
 from sketchtune._planner._costs import shape_key
 from sketchtune._planner._errors import closed_form_errors, measured_error
-from sketchtune._planner._options import Recorded, _dominated, candidate_params, predicted_error
+from sketchtune._planner._options import (
+    Candidate,
+    GroupOptions,
+    Recorded,
+    _dominated,
+    candidate_params,
+    predicted_error,
+)
 from sketchtune._search._trialinfo import TrialInfo
 from sketchtune.nn import InputCovariance, Int8Linear, Int8SKLinear, SKLinear
 from sketchtune.nn.int8 import int8_kernel
@@ -186,3 +194,50 @@ def test_int8_factors_timed_no_faster_than_their_float_twin_are_never_offered() 
     assert not _dominated(int8, 0.8, costs)  # faster: a real trade, priced
     assert not _dominated(floats, 1.0, costs)
     assert not _dominated({"num_terms": 1, "low_rank": "full", "quant": "int8"}, 5.0, costs)
+
+
+def test_the_refinement_ladder_is_each_layers_pareto_front() -> None:
+    """With several forms per layer, a dearer candidate can also be less accurate (a float
+    sketch beside int8 factors of a higher rank): such a candidate is no rung, so a step
+    down the ladder always trades error for speed and a step up buys error back."""
+    torch.manual_seed(0)
+    tuner = SKAutoTuner(
+        nn.Sequential(_trained_like(64)),
+        TuningConfigs([LayerConfig(["0"], {"num_terms": 1, "low_rank": [4, 8, 16]})]),
+        lambda m: 1.0,
+        accuracy_threshold=0.0,
+        optimization_eval_func="flops",
+        strategy="global",
+        search_algorithm=OptunaSearch(n_trials=2, seed=0),
+    )
+    tuner.tune()
+    assert tuner.planner is not None
+    a, b, c, d = (
+        {"num_terms": 1, "low_rank": r, "quant": q}
+        for r, q in ((2, "none"), (16, "int8"), (8, "none"), (32, "int8"))
+    )
+    options = GroupOptions(
+        "0",
+        10.0,
+        (
+            Candidate(a, 0.30, 2.0),
+            Candidate(c, 0.10, 5.0),
+            Candidate(b, 0.05, 4.0),
+            Candidate(d, 0.01, 7.0),
+        ),
+    )
+    planner = dataclasses.replace(tuner.planner, options=[options], _ladders={})
+    chosen: int | None = 3  # d, the dearest (this space has no "stay dense" rung)
+    down = [chosen]
+    while rung := planner._rungs(0, chosen, -1):
+        chosen = rung[0]
+        down.append(chosen)
+    assert [options.candidates[i].params for i in down] == [
+        d,
+        b,
+        a,
+    ]  # c (dearer than b, worse) is skipped
+    costs = [options.candidates[i].cost for i in down]
+    errors = [options.candidates[i].error for i in down]
+    assert costs == sorted(costs, reverse=True) and errors == sorted(errors)
+    assert planner._rungs(0, down[1], 1) == [down[0]]  # one rung up from b is d, not c

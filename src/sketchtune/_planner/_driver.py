@@ -270,19 +270,25 @@ class Planner:
         return 0.0 if chosen is None else self.options[g].candidates[chosen].error
 
     def _rungs(self, g: int, chosen: int | None, offset: int) -> list[int | None]:
-        """The candidate ``offset`` rungs from ``chosen`` on ``g``'s ladder (distinct costs;
-        the least error at each rung); ``[]`` past either end."""
+        """The candidate ``offset`` rungs from ``chosen`` on ``g``'s ladder; ``[]`` past either end.
+
+        The ladder is the group's Pareto front of (cost, predicted error), dearest
+        first: each rung cheaper than the one before and with a larger error. A
+        candidate another one beats on both counts is no rung (with several forms
+        per layer, a float sketch dearer and less accurate than an int8 one, say),
+        so a step down always trades error for speed, and a step up buys error back.
+        """
         ladder = self._ladders.get(g)
         if ladder is None:
-            by_cost: dict[float, int] = {}
-            for i, c in enumerate(self.options[g].candidates):
-                if (
-                    c.cost not in by_cost
-                    or c.error < self.options[g].candidates[by_cost[c.cost]].error
-                ):
-                    by_cost[c.cost] = i
+            candidates = self.options[g].candidates
+            front: list[int] = []
+            for i in sorted(
+                range(len(candidates)), key=lambda i: (candidates[i].cost, candidates[i].error)
+            ):
+                if not front or candidates[i].error < candidates[front[-1]].error:
+                    front.append(i)  # cheaper ones all have a larger error
             dense: list[int | None] = [None] if self.spec.optional else []
-            ladder = dense + [by_cost[c] for c in sorted(by_cost, reverse=True)]
+            ladder = dense + list(reversed(front))
             self._ladders[g] = ladder
         here = self._cost(g, chosen)
         above = [i for i, c in enumerate(ladder) if self._cost(g, c) >= here]
