@@ -4,10 +4,10 @@ For each model the dense model is trained once; then three searches run on copie
 it with the same floor, trial budget, seed and speed measurement
 (``SketchTuneCallback(run_on="validate")``, ``strategy="global"``):
 
-- ``low-rank``: ``params="auto"`` without the int8 forms (each layer's auto space less
-  ``quant`` and ``low_rank="full"``: the search as it was before int8);
-- ``int8``: each layer int8 or dense (``low_rank="full", quant="int8"``, where auto offers it);
-- ``mixed``: ``params="auto"`` (ranks, int8 factors and the int8 weight per layer).
+- ``low-rank``: ``params="auto"`` (ranks and inits: the low-rank forms);
+- ``int8``: each layer int8 or dense (``low_rank="full", quant="int8"``, where
+  ``"auto+int8"`` offers it);
+- ``mixed``: ``params="auto+int8"`` (ranks, int8 factors and the int8 weight per layer).
 
 Each row: the confirmed speedup (the callback's interleaved measurement, wall time),
 the validation metric, the test metric (``trainer.test`` right after tuning, no
@@ -138,21 +138,17 @@ def _jobs(quick: bool) -> dict[str, Job]:
 
 
 def configs_for(method: str, model: nn.Module, selector: Any) -> list[LayerConfig]:
-    """Per-layer spaces: auto for ``mixed``; auto less int8 for ``low-rank``; int8 only."""
+    """``"auto+int8"`` for ``mixed``; ``"auto"`` (low-rank forms) for ``low-rank``; int8 only."""
     if method == "mixed":
+        return [LayerConfig(selector, "auto+int8")]
+    if method == "low-rank":
         return [LayerConfig(selector, "auto")]
     configs = []
     for name in select_layers(model, selector):
         module = model.get_submodule(name)
         kind = kind_of(module)
         assert kind is not None
-        space = kind.auto_space(module)
-        offered = "quant" in space
-        if method == "low-rank":
-            space.pop("quant", None)
-            ranks = [r for r in space["low_rank"].grid() if r != FULL]
-            configs.append(LayerConfig([name], {**space, "low_rank": ranks}))
-        elif offered:
+        if "quant" in getattr(kind, "auto_int8_space", kind.auto_space)(module):
             configs.append(
                 LayerConfig([name], {"num_terms": 1, "low_rank": [FULL], "quant": ["int8"]})
             )

@@ -13,14 +13,18 @@ One process per model (so peak memory is its own). Printed per model: parameters
 dense ``Trainer.validate`` pass in seconds (the unit: what a user pays per trial at
 least), the whole search (from the start of the baseline to the kept plan) in seconds
 and in dense validation passes, the share of each phase (baseline and statistics,
-planner, trials, confirmation, as the search reports them), the peak resident memory
-the search adds over the model already loaded (sampled every 20 ms), and the plan kept.
+planner, trials, confirmation, as the search reports them), peak resident memory
+(sampled every 20 ms): a dense validation pass's own peak over the loaded model, the
+search's peak over the loaded model (against the target, 1.5x the fp32 weights + 96
+MiB) and over the validation pass's peak (what tuning adds to the process's peak), and
+the plan kept.
 
 Usage::
 
     python benchmarks/search_cost.py                    # LLaMA 2/4/8/16 x 256, GPT-2 small
     python benchmarks/search_cost.py --depth 4 --hidden 512 --trials 8
     python benchmarks/search_cost.py --only llama --depths 2 4
+    python benchmarks/search_cost.py --depth 8 --forms auto auto+int8   # with int8 forms
 """
 
 from __future__ import annotations
@@ -114,12 +118,13 @@ def build(kind: str, depth: int, hidden: int) -> tuple[Any, list[str]]:
     return CausalLM().eval(), names
 
 
-def one(kind: str, depth: int, hidden: int, trials: int) -> dict[str, Any]:
+def one(kind: str, depth: int, hidden: int, trials: int, forms: str = "auto") -> dict[str, Any]:
     """Run one model's search in this process; the row of the table."""
     warnings.filterwarnings("ignore")
     from lightning.pytorch import Trainer, seed_everything
 
     from sketchtune import LayerConfig, SketchTuneCallback
+    from sketchtune._memory import release_freed_memory
     from sketchtune.examples.text import StdlibBytesDataModule
 
     seed_everything(0)
@@ -135,12 +140,15 @@ def one(kind: str, depth: int, hidden: int, trials: int) -> dict[str, Any]:
         "enable_model_summary": False,
     }
     Trainer(**quiet).validate(module, data, verbose=False)  # warm: data, allocator, kernels
-    start = time.perf_counter()
-    Trainer(**quiet).validate(module, data, verbose=False)
-    dense_val = time.perf_counter() - start
+    release_freed_memory()
+    loaded = rss_bytes()
+    with PeakRSS() as dense_peak:  # what a dense validation pass itself peaks at
+        start = time.perf_counter()
+        Trainer(**quiet).validate(module, data, verbose=False)
+        dense_val = time.perf_counter() - start
 
     callback = SketchTuneCallback(
-        LayerConfig(names[0], "auto"),
+        LayerConfig(names[0], forms),
         monitor="val_loss",
         mode="min",
         max_accuracy_drop="20%",
@@ -149,6 +157,7 @@ def one(kind: str, depth: int, hidden: int, trials: int) -> dict[str, Any]:
         metric_range=None,
         seed=0,
     )
+    release_freed_memory()
     before = rss_bytes()
     with PeakRSS() as peak:
         start = time.perf_counter()
@@ -159,7 +168,8 @@ def one(kind: str, depth: int, hidden: int, trials: int) -> dict[str, Any]:
     phases = {p.name: p.elapsed for p in getattr(tuner, "phases", [])}
     kept = callback.best_plan or {}
     return {
-        "model": "GPT-2 small" if kind == "gpt2" else f"LLaMA {depth}x{hidden}",
+        "model": ("GPT-2 small" if kind == "gpt2" else f"LLaMA {depth}x{hidden}")
+        + ("" if forms == "auto" else f", {forms}"),
         "params": params,
         "weights_mib": weight_bytes / 2**20,
         "dense_val_s": dense_val,
@@ -167,6 +177,10 @@ def one(kind: str, depth: int, hidden: int, trials: int) -> dict[str, Any]:
         "passes": search / dense_val,
         "phases": {k: v / search for k, v in phases.items()},
         "rss_added_mib": (peak.peak - before) / 2**20,
+        # the search's peak over a dense validation pass's own peak: what tuning adds to
+        # the process's peak (a validation pass of an LM holds its logits, for one)
+        "rss_over_val_mib": (peak.peak - dense_peak.peak) / 2**20,
+        "val_peak_mib": (dense_peak.peak - loaded) / 2**20,
         "rss_bound_mib": 1.5 * weight_bytes / 2**20 + 96,
         "kept": len(kept),
         "speedup": callback.best_speedup,
@@ -178,8 +192,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | params | dense val | search | in val passes | "
         + " | ".join(names)
-        + " | peak RSS added (bound) | kept | speedup |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|",
+        + " | a val pass's own peak | search's peak added (bound) | over a val pass's peak "
+        "| kept | speedup |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         shares = " | ".join(
@@ -189,7 +204,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['dense_val_s']:.2f} s | "
             f"{r['search_s']:.0f} s | {r['passes']:.1f} | {shares} | "
-            f"+{r['rss_added_mib']:.0f} MiB ({r['rss_bound_mib']:.0f}) | {r['kept']} layers | "
+            f"+{r['val_peak_mib']:.0f} MiB | +{r['rss_added_mib']:.0f} MiB ({r['rss_bound_mib']:.0f}) "
+            f"| {r['rss_over_val_mib']:+.0f} MiB | {r['kept']} layers | "
             f"{speed} |"
         )
     return "\n".join(lines)
@@ -202,18 +218,26 @@ def main() -> None:
     parser.add_argument("--depth", type=int, help="one LLaMA depth (overrides --depths)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument(
+        "--forms",
+        choices=["auto", "auto+int8"],
+        nargs="*",
+        default=["auto"],
+        help="the params of the search: 'auto' (low-rank forms) and/or 'auto+int8'",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print JSON
     args = parser.parse_args()
     if args.one:
-        kind, depth, hidden = args.one.split(":")
-        print("ROW " + json.dumps(one(kind, int(depth), int(hidden), args.trials)), flush=True)
+        kind, depth, hidden, forms = args.one.split(":")
+        row = one(kind, int(depth), int(hidden), args.trials, forms)
+        print("ROW " + json.dumps(row), flush=True)
         return
     jobs = []
     if "llama" in args.only:
         depths = [args.depth] if args.depth else args.depths
-        jobs.extend(f"llama:{depth}:{args.hidden}" for depth in depths)
+        jobs.extend(f"llama:{d}:{args.hidden}:{f}" for d in depths for f in args.forms)
     if "gpt2" in args.only:
-        jobs.append("gpt2:12:768")
+        jobs.extend(f"gpt2:12:768:{f}" for f in args.forms)
     rows = []
     for job in jobs:
         done = subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -11,8 +12,15 @@ import optuna
 import pytest
 from torch import nn
 
-from sketchtune import LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
-from sketchtune._search._confirm import MIN_ROUNDS, Confirmation
+from sketchtune import LayerConfig, OptunaSearch, SKAutoTuner, SketchPlan, TuningConfigs
+from sketchtune._search._confirm import (
+    MAX_ROUNDS,
+    MIN_ROUNDS,
+    Confirmation,
+    busy_note,
+    wants_more,
+)
+from sketchtune._search._decision import Decision, kept_text
 
 
 class MLP(nn.Module):
@@ -173,3 +181,28 @@ def test_confirmation_needs_the_bootstrap_lower_bound_above_one(
     assert confirmation.confirmed is confirmed
     assert confirmation.speedup == pytest.approx(statistics.median(ratios))
     assert confirmation.lower <= confirmation.speedup
+
+
+def test_a_wide_interval_is_timed_to_the_last_round_and_said_to_be_from_a_busy_machine() -> None:
+    # the main job beside two busy loops: confirmed (lower end above 1) but the interval
+    # spans 3.2x-8.9x; quiet runs span at most 1.5x
+    busy = Confirmation.of([100.0] * 5, [100.0 * r for r in (3.0, 9.0, 4.0, 8.5, 6.0)])
+    quiet = Confirmation.of([100.0] * 5, [100.0 * r for r in (8.9, 9.1, 9.0, 9.3, 8.8)])
+    assert busy.confirmed and not busy.precise
+    assert quiet.confirmed and quiet.precise
+    assert wants_more(busy, beat=1.0)  # a would-be best on a busy machine gets more rounds
+    assert not wants_more(quiet, beat=1.0)
+    wide = busy.extended([100.0] * (MAX_ROUNDS - 5), [300.0, 900.0, 400.0, 850.0][: MAX_ROUNDS - 5])
+    assert wide.rounds == MAX_ROUNDS and not wide.precise
+    assert not wants_more(wide, beat=1.0)  # never past the last round
+    note = busy_note(busy.lower, busy.upper)
+    assert f"{busy.lower:.2f}x-{busy.upper:.2f}x" in note and "busy" in note
+    assert busy_note(quiet.lower, quiet.upper) == ""
+    assert busy.to_dict()["precise"] is False and quiet.to_dict()["precise"] is True
+    # what the user reads: the verdict and summary.md carry the note
+    decision = Decision(
+        plan=SketchPlan(), trial=0, speedup=busy.speedup, accuracy=1.0, confirmation=busy.to_dict()
+    )
+    assert note in kept_text(decision)
+    quiet_decision = dataclasses.replace(decision, confirmation=quiet.to_dict())
+    assert "busy" not in kept_text(quiet_decision)

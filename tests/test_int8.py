@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -57,22 +58,40 @@ MIXED = {
 }
 
 
-def test_auto_offers_int8_only_where_it_can_pay() -> None:
+def test_auto_int8_offers_int8_only_where_it_can_pay_and_auto_never() -> None:
     kind = LinearKind()
     for large in (nn.Linear(256, 256), nn.Linear(64, 1024), nn.Linear(1024, 4096)):
-        space = kind.auto_space(large)
+        space = kind.auto_int8_space(large)
         assert space["quant"] == Categorical(["none", "int8"])
         assert space["low_rank"].grid()[-1] == "full"  # the int8 weight, after every rank
         assert space["low_rank"].first() == 1
+        # "auto" is the low-rank forms alone: the same ranks, no int8
+        plain = kind.auto_space(large)
+        assert "quant" not in plain and "full" not in plain["low_rank"].grid()
+        assert plain["low_rank"].grid() == space["low_rank"].grid()[:-1]
     for small in (nn.Linear(128, 128), nn.Linear(1024, 10)):  # int8 measured no faster there
-        assert "quant" not in kind.auto_space(small)
-    assert "quant" not in kind.auto_space(nn.Linear(512, 512).double())  # no int8 kernel
+        assert "quant" not in kind.auto_int8_space(small)
+    assert "quant" not in kind.auto_int8_space(nn.Linear(512, 512).double())  # no int8 kernel
+
+
+def test_the_auto_strings_choose_the_forms_and_a_typo_names_both() -> None:
+    model = nn.Sequential(nn.Linear(256, 256))
+
+    def layout(params: str) -> StudyLayout:
+        configs = TuningConfigs([LayerConfig(["0"], params)])
+        return StudyLayout(model, configs, strategy="global", default_init="svd", seed=0)
+
+    low_rank, mixed = layout("auto"), layout("auto+int8")
+    assert "quant" not in low_rank.groups[0].space
+    assert mixed.groups[0].space["quant"] == Categorical(["none", "int8"])
+    with pytest.raises(ValueError, match=re.escape("'auto' or 'auto+int8', got 'auto+int4'")):
+        LayerConfig(["0"], "auto+int4")
 
 
 def test_search_values_map_to_plan_entries_that_name_the_form() -> None:
     layout = StudyLayout(
         _wide(),
-        TuningConfigs([LayerConfig(["fc1", "fc2", "fc3"], "auto")]),
+        TuningConfigs([LayerConfig(["fc1", "fc2", "fc3"], "auto+int8")]),
         strategy="global",
         default_init="sketch",
         seed=0,
@@ -228,7 +247,7 @@ def test_transformers_conv1d_has_the_same_int8_forms() -> None:
 
     torch.manual_seed(0)
     dense = Blocks().eval()
-    assert kind_of(dense.c_fc).auto_space(dense.c_fc)["quant"].grid() == ["none", "int8"]  # type: ignore[union-attr]
+    assert kind_of(dense.c_fc).auto_int8_space(dense.c_fc)["quant"].grid() == ["none", "int8"]  # type: ignore[union-attr]
     plan = SketchPlan(
         {
             "c_fc": {"type": "Int8Conv1D", "params": {"quant": "int8"}, "seed": 0},

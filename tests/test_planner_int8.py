@@ -147,7 +147,7 @@ def test_a_planned_search_runs_over_the_mixed_candidates() -> None:
 
     tuner = SKAutoTuner(
         model,
-        TuningConfigs([LayerConfig(["0", "2"], "auto")]),
+        TuningConfigs([LayerConfig(["0", "2"], "auto+int8")]),
         agreement,
         accuracy_threshold=0.9,
         optimization_eval_func=throughput,

@@ -690,11 +690,11 @@ def test_auto_space_holds_only_values_that_save_compute() -> None:
     tuner = SKAutoTuner(model, TuningConfigs([LayerConfig("0", "auto")]), by_count(0.0))
     space = tuner._studies[0].groups[0].space
     assert space["num_terms"] == Categorical([1])
-    # a geometric ladder from rank 1 up to the last rung below the multiply-add break-even,
-    # then "full" (no factorization: the int8 weight, with quant="int8")
-    *ranks, full = space["low_rank"].grid()
+    # a geometric ladder from rank 1 up to the last rung below the multiply-add break-even;
+    # "auto" is the low-rank forms alone ("auto+int8" adds "full" and quant)
+    ranks = space["low_rank"].grid()
     assert ranks == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
-    assert full == "full" and space["quant"].grid() == ["none", "int8"]
+    assert "quant" not in space
     assert max(ranks) < 256 * 512 / (2 * (256 + 512)) < 96
     with pytest.raises(
         ValueError, match=r"Linear\(512->2\) is too small for any sketch to save compute"

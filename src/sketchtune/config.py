@@ -9,7 +9,10 @@ from typing import Any, overload
 from sketchtune._validation import check_bool
 from sketchtune.space import ParamSpec, as_spec
 
-__all__ = ["LayerConfig", "TuningConfigs"]
+__all__ = ["AUTO_SPECS", "LayerConfig", "TuningConfigs"]
+
+#: the string forms of ``params``: the low-rank forms, or those and the int8 forms
+AUTO_SPECS = ("auto", "auto+int8")
 
 
 class LayerConfig:
@@ -29,7 +32,9 @@ class LayerConfig:
         params: ``{name: spec}`` where a spec is ``Categorical``, ``Int``,
             ``Float``, a list (Categorical) or a single fixed value; or
             ``"auto"``, a space derived from each layer's size holding only
-            values that save compute.
+            values that save compute (ranks and inits); or ``"auto+int8"``, the same
+            plus the int8 forms where torch's int8 kernel can pay (``quant`` and
+            ``low_rank="full"``, see ``docs/int8.md``).
         separate: tune each selected layer on its own (``True``) or share one
             parameter set among them (``False``, "joint").
         copy_weights: start each sketch from the dense layer's weights (``True``)
@@ -58,9 +63,11 @@ class LayerConfig:
         self.layer_names = list(layer_names) if isinstance(layer_names, tuple) else layer_names
         self.params: dict[str, ParamSpec] | str
         if isinstance(params, str):
-            if params != "auto":
-                raise ValueError(f"`params` must be a dict of specs or 'auto', got {params!r}.")
-            self.params = "auto"
+            if params not in AUTO_SPECS:
+                raise ValueError(
+                    f"`params` must be a dict of specs, 'auto' or 'auto+int8', got {params!r}."
+                )
+            self.params = params
         elif isinstance(params, Mapping):
             specs: dict[str, ParamSpec] = {}
             for name, value in params.items():
@@ -70,7 +77,8 @@ class LayerConfig:
             self.params = specs
         else:
             raise TypeError(
-                f"`params` must be a dict of specs or 'auto', got {type(params).__name__}."
+                "`params` must be a dict of specs, 'auto' or 'auto+int8', got "
+                f"{type(params).__name__}."
             )
         self.separate = check_bool("separate", separate)
         self.copy_weights = check_bool("copy_weights", copy_weights)

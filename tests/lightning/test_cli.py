@@ -264,7 +264,7 @@ def test_a_password_from_pgpassword_or_pgpass_connects_with_a_url_without_it(
         ),
         (
             lambda layer: layer.update(params="atuo"),
-            r"error: sketch\.configs\[0\]: `params` must be a dict of specs or 'auto', got 'atuo'\.",
+            r"error: sketch\.configs\[0\]: `params` must be a dict of specs, 'auto' or 'auto\+int8', got 'atuo'\.",
         ),
     ],
 )
@@ -318,7 +318,7 @@ def test_a_typo_in_a_sketchtune_callback_under_trainer_callbacks_is_caught_too(
     assert exited.value.code == 2
     assert re.search(
         r"error: trainer\.callbacks\[0\]\.init_args\.configs\[0\]: `params` must be a dict of "
-        r"specs or 'auto', got 'atuo'\.",
+        r"specs, 'auto' or 'auto\+int8', got 'atuo'\.",
         capsys.readouterr().err,
     )
     assert not (tmp_path / "run").exists()

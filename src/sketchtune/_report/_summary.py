@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 
 from sketchtune._redact import redact
 from sketchtune._report._mark import KeptMark
+from sketchtune._search._confirm import busy_note
 from sketchtune.plan import SketchPlan
 from sketchtune.registry import kind_named
 
@@ -145,6 +146,8 @@ class RunSummary:
                 f"alternating which goes first){interval}; the throughputs above are the "
                 "medians of the same rounds."
             )
+            note = busy_note(kept.lower, kept.upper)
+            text += f" {note}" if note else ""
         elif kept is not None and kept.speedup is not None and kept.speed_model == "flops":
             text = (
                 f"{kept.speedup:.2f}x is the FLOP model's estimate (the dense model's FLOPs "

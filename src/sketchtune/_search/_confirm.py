@@ -26,7 +26,15 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_ROUNDS", "MIN_ROUNDS", "TRIAL_ROUNDS", "Confirmation", "wants_more"]
+__all__ = [
+    "MAX_ROUNDS",
+    "MIN_ROUNDS",
+    "PRECISE_SPREAD",
+    "TRIAL_ROUNDS",
+    "Confirmation",
+    "busy_note",
+    "wants_more",
+]
 
 #: rounds every timed trial gets
 TRIAL_ROUNDS = 3
@@ -34,6 +42,9 @@ TRIAL_ROUNDS = 3
 MIN_ROUNDS = 5
 #: rounds after which a measurement is final, confirmed or not
 MAX_ROUNDS = 9
+#: a figure is *precise* when its 95% interval spans at most this factor (upper / lower);
+#: quiet runs of the main job span 1.1-1.5, runs beside two busy loops 2.8-8
+PRECISE_SPREAD = 1.5
 _RESAMPLES = 1000
 _LEVEL = 0.05  # one-sided: the 5th (and 95th) percentile of the bootstrap distribution
 
@@ -118,6 +129,12 @@ class Confirmation:
         """Faster than the dense model with confidence, over enough rounds."""
         return self.rounds >= MIN_ROUNDS and self.lower > 1.0
 
+    @property
+    def precise(self) -> bool:
+        """The 95% interval spans at most :data:`PRECISE_SPREAD` (a steady machine)."""
+        low, high = self.interval
+        return low > 0 and high / low <= PRECISE_SPREAD
+
     def describe(self) -> str:
         low, high = self.interval
         return (
@@ -133,6 +150,7 @@ class Confirmation:
             "lower": low,
             "upper": high,
             "confirmed": self.confirmed,
+            "precise": self.precise,
             "dense_throughput": statistics.median(self.dense_rates),
             "tuned_throughput": statistics.median(self.plan_rates),
             "rounds": self.rounds,
@@ -144,7 +162,8 @@ def wants_more(timing: Confirmation | None, beat: float) -> bool:
 
     ``beat`` is the best confirmed speedup so far (at least 1: the dense model). A plan
     gets :data:`TRIAL_ROUNDS` rounds; then more only while it still looks faster than
-    ``beat`` and is not yet confirmed, up to :data:`MAX_ROUNDS`.
+    ``beat`` and is not yet both confirmed and precise, up to :data:`MAX_ROUNDS` (on a
+    busy machine a would-be best is timed the full :data:`MAX_ROUNDS`).
     """
     rounds = 0 if timing is None else timing.rounds
     if rounds < TRIAL_ROUNDS:
@@ -152,4 +171,18 @@ def wants_more(timing: Confirmation | None, beat: float) -> bool:
     assert timing is not None
     if rounds >= MAX_ROUNDS or not timing.speedup > max(beat, 1.0):
         return False
-    return not timing.confirmed
+    return not (timing.confirmed and timing.precise)
+
+
+def busy_note(lower: float | None, upper: float | None) -> str:
+    """A sentence for a figure whose 95% interval is wide (``""`` for a precise one)."""
+    if lower is None or upper is None or not (math.isfinite(lower) and math.isfinite(upper)):
+        return ""
+    if lower <= 0 or upper / lower <= PRECISE_SPREAD:
+        return ""
+    return (
+        f"Its 95% interval is wide ({lower:.2f}x-{upper:.2f}x): the machine was busy while "
+        "timing, and under load a measured speedup can be off by 2x either way (a long dense "
+        "call absorbs more of other processes' time than a short sketched one); re-time the "
+        "plan on a quiet machine for a figure to rely on."
+    )

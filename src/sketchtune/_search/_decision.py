@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sketchtune._search._confirm import Confirmation
+from sketchtune._search._confirm import Confirmation, busy_note
 from sketchtune.evaluate import Mode
 from sketchtune.plan import SketchPlan
 from sketchtune.results import TrialRecord
@@ -104,7 +104,11 @@ def kept_text(decision: Decision) -> str:
         speed = f" at {decision.speedup:.2f}x"
     accuracy = "" if decision.accuracy is None else f", accuracy {decision.accuracy:.4f}"
     trial = "" if decision.trial is None else f" (trial {decision.trial + 1})"
-    return f"kept a plan sketching {len(decision.plan)} layer(s){trial}{speed}{accuracy}."
+    text = f"kept a plan sketching {len(decision.plan)} layer(s){trial}{speed}{accuracy}."
+    if decision.confirmation is not None:
+        note = busy_note(decision.confirmation["lower"], decision.confirmation["upper"])
+        text += f" {note}" if note else ""
+    return text
 
 
 def decision_of(record: TrialRecord, confirmation: Confirmation | None = None) -> Decision:

@@ -43,7 +43,7 @@ __all__ = ["FULL", "QUANTS", "Int8DenseKind", "Int8Forms", "int8_pays"]
 #: the ``low_rank`` value meaning "no factorization: the full weight"
 FULL = "full"
 QUANTS = ("none", "int8")
-#: ``params="auto"`` offers int8 on layers with both sides at least this wide ...
+#: ``params="auto+int8"`` offers int8 on layers with both sides at least this wide ...
 INT8_MIN_SIDE = 64
 #: ... and at least this many multiply-adds per row: measured on an AVX-512 VNNI CPU
 #: (docs/int8.md), 256x256 ran 2.2x faster at 64 rows and 4x at 1,040, while 128x128
@@ -65,7 +65,7 @@ def _int8_only(_: nn.Module, value: Any) -> str | None:
 
 
 def int8_pays(weight: torch.Tensor, d_in: int, d_out: int) -> bool:
-    """Whether ``params="auto"`` offers int8 for a layer of this weight and size.
+    """Whether ``params="auto+int8"`` offers int8 for a layer of this weight and size.
 
     Only where the int8 kernel runs (float32 weights on a CPU with the x86/fbgemm
     quantized engine and torch's dynamic int8 ops: :func:`~sketchtune.nn.int8.int8_kernel`)
@@ -135,8 +135,9 @@ class Int8Forms(LowRankKind):
         if params.get("low_rank") != FULL:
             super().check_size(dense, params, where=where)
 
-    def auto_space(self, dense: nn.Module) -> dict[str, ParamSpec]:
-        space = super().auto_space(dense)
+    def auto_int8_space(self, dense: nn.Module) -> dict[str, ParamSpec]:
+        """``params="auto+int8"``: the ``"auto"`` space plus the int8 forms where they can pay."""
+        space = self.auto_space(dense)
         d_in, d_out = self.io(dense)
         if int8_pays(self.init_weight(dense), d_in, d_out):
             # the full weight in int8 after the ranks (first() stays the smallest rank)
