@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["check_sqlite_path"]
+__all__ = ["check_sqlite_path", "url_decodes_paths"]
 
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
@@ -12,10 +12,11 @@ _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 def check_sqlite_path(url: str) -> None:
     """Raise ``ValueError`` if ``url`` (a SQLite URL) would open another file than its path says.
 
-    ``sqlite:////runs/a?b/x.db`` opens ``/runs/a`` (``?`` starts the URL's options) and
-    ``sqlite:////runs/a%20b/x.db`` opens ``/runs/a b/x.db`` (escapes are decoded). A
-    literal ``?`` is written ``%3F`` and a literal ``%`` ``%25``; any other character as
-    itself. Options (``?timeout=30``) and SQLite URIs (``sqlite:///file:x.db?mode=ro&uri=true``)
+    ``sqlite:////runs/a?b/x.db`` opens ``/runs/a`` (``?`` starts the URL's options) and,
+    with SQLAlchemy 2.1 or later, ``sqlite:////runs/a%20b/x.db`` opens ``/runs/a b/x.db``
+    (escapes are decoded): there a literal ``?`` is written ``%3F`` and a literal ``%``
+    ``%25``, any other character as itself. SQLAlchemy 2.0 keeps escapes as written, so
+    any escape is refused (the URL would name another file on a newer SQLAlchemy). Options (``?timeout=30``) and SQLite URIs (``sqlite:///file:x.db?mode=ro&uri=true``)
     are left alone. Other URLs are not checked.
     """
     if not url.startswith("sqlite") or "://" not in url:
@@ -30,7 +31,20 @@ def check_sqlite_path(url: str) -> None:
         )
     if path[1:].startswith("file:"):
         return  # an SQLite URI decodes its own escapes
-    unneeded = sorted({e.upper() for e in _ESCAPE.findall(path)} - {"%25", "%3F"})
+    escapes = sorted({e.upper() for e in _ESCAPE.findall(path)})
+    if not escapes:
+        return
+    if not url_decodes_paths():
+        # SQLAlchemy before 2.1 keeps escapes as written, newer ones decode them: the same
+        # URL would name two files, and a literal '?' cannot be written at all
+        raise ValueError(
+            f"the storage URL {url!r} has {', '.join(escapes)} in its path, which SQLAlchemy "
+            f"{_sqlalchemy_version()} keeps as written (SQLite would open {_opened(url)!r}) "
+            "and SQLAlchemy 2.1 and later decode. Write the path's characters as themselves "
+            "(a space or a '%' may stay as it is); a path with a '?' needs SQLAlchemy >= 2.1, "
+            "where it is written %3F."
+        )
+    unneeded = [e for e in escapes if e not in ("%25", "%3F")]
     if unneeded:
         raise ValueError(
             f"the storage URL {url!r} has {', '.join(unneeded)} in its path, which the URL "
@@ -38,6 +52,19 @@ def check_sqlite_path(url: str) -> None:
             "themselves (a space may stay a space); only a literal '%' (%25) and '?' (%3F) "
             "are escaped."
         )
+
+
+def url_decodes_paths() -> bool:
+    """Whether the installed SQLAlchemy decodes ``%xx`` escapes in a URL's path (2.1 and later)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url("sqlite:///%41").database == "A"
+
+
+def _sqlalchemy_version() -> str:
+    import sqlalchemy
+
+    return str(sqlalchemy.__version__)
 
 
 def _opened(url: str) -> str:
