@@ -23,9 +23,7 @@ def main(argv: list[str] | None = None) -> SketchTuneCallback:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--out", default="runs/digits_cnn")
-    parser.add_argument(
-        "--quick", action="store_true", help="a few batches, 1 epoch, 3 trials"
-    )
+    parser.add_argument("--quick", action="store_true", help="a few batches, 1 epoch, 3 trials")
     args = parser.parse_args(argv)
     epochs, trials = (1, 3) if args.quick else (args.epochs, args.trials)
     out = Path(args.out)
