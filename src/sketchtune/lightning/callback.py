@@ -21,7 +21,7 @@ from typing_extensions import override
 from sketchtune._modes import restore_modes, save_modes
 from sketchtune._search._resume import check_stored_searches
 from sketchtune._search._studies import StudyLayout
-from sketchtune._validation import check_choice, check_float, check_int, check_seed, warn
+from sketchtune._validation import check_choice, check_int, check_seed, warn
 from sketchtune.config import LayerConfig, TuningConfigs
 from sketchtune.evaluate import check_floor_args
 from sketchtune.lightning._checkpoint import (
@@ -29,6 +29,7 @@ from sketchtune.lightning._checkpoint import (
     PlanLoader,
     drop_stale_optimizer_state,
 )
+from sketchtune.lightning._checks import check_range, check_writable, without_password
 from sketchtune.lightning._evaluator import missing_monitor
 from sketchtune.lightning._search import SearchResult, run_search, tuned_module
 from sketchtune.lightning._trainer_state import (
@@ -192,7 +193,7 @@ class SketchTuneCallback(Callback):
                 "plain LightningCLI's config.yaml, shell history and process lists keep it in "
                 "clear, and a config saved with *** cannot reconnect. Leave it out of the URL: "
                 "the PostgreSQL driver reads PGPASSWORD or ~/.pgpass, so "
-                f"storage={_without_password(storage)!r} with PGPASSWORD set connects.",
+                f"storage={without_password(storage)!r} with PGPASSWORD set connects.",
                 category=UserWarning,
             )
         self.study_name = study_name
@@ -206,7 +207,7 @@ class SketchTuneCallback(Callback):
         self.run_on = check_choice("run_on", run_on, ("fit_end", "validate"))
         self.apply_best = bool(apply_best)
         self.seed = check_seed("seed", seed)
-        self.metric_range = _check_range(metric_range)
+        self.metric_range = check_range(metric_range)
         if (
             accuracy_threshold is not None
             and self.metric_range is not None
@@ -301,7 +302,7 @@ class SketchTuneCallback(Callback):
                     speed_model="flops" if self.speed == "flops" else "measured",
                 )
                 if self.output_dir is not None:
-                    _check_writable(self.output_dir)
+                    check_writable(self.output_dir)
         if not isinstance(pl_module, SketchedModule):  # SketchedModule reads plans itself
             self._plan_loader.attach(pl_module)
         if stage == TrainerFn.VALIDATING and self.run_on == "validate":
@@ -438,37 +439,3 @@ class SketchTuneCallback(Callback):
         self.dense_test_metrics, self.tuned_test_metrics = found.dense_test, found.tuned_test
         if self.apply_best:
             self.applied_plan = found.plan  # possibly empty: checkpoints then say "dense"
-
-
-def _without_password(storage: str) -> str:
-    """``storage`` without its password (``user:***@`` and ``password=***`` dropped): what to write."""
-    head, qmark, query = str(redact(storage)).replace(":***@", "@", 1).partition("?")
-    kept = [part for part in query.split("&") if part and not part.endswith("=***")]
-    return head + (qmark + "&".join(kept) if kept else "")
-
-
-def _check_range(value: Any) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ValueError(f"`metric_range` must be (low, high) or None, got {value!r}.")
-    low = check_float("metric_range[0]", value[0])
-    high = check_float("metric_range[1]", value[1])
-    if low >= high:
-        raise ValueError(f"`metric_range` must have low < high, got {value!r}.")
-    return (low, high)
-
-
-def _check_writable(folder: str | os.PathLike[str]) -> None:
-    """Create ``folder`` and write a file in it now, so a bad ``output_dir`` fails before training."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".sketchtune-write-check")
-        with open(probe, "w", encoding="utf-8") as fh:
-            fh.write("ok")
-        os.remove(probe)
-    except OSError as exc:
-        raise ValueError(
-            f"`output_dir`={os.fspath(folder)!r} cannot be written ({exc.strerror or exc}); "
-            "give a folder this process can create and write, or output_dir=None."
-        ) from None
