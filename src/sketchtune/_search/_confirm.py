@@ -20,11 +20,14 @@ rounds serve a trial and the confirmation of its plan:
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import statistics
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 __all__ = [
     "MAX_ROUNDS",
@@ -103,16 +106,20 @@ class Confirmation:
             return math.nan
         return statistics.median(ratios)
 
-    @property
+    @functools.cached_property
     def interval(self) -> tuple[float, float]:
-        """A one-sided 95% bootstrap bound on each side of the median speedup."""
+        """A one-sided 95% bootstrap bound on each side of the median speedup.
+
+        The resamples are those of ``random.Random(0).choices`` (the same measurement
+        always gives the same verdict), their medians taken at once (:func:`_resampled`).
+        """
         ratios = self.ratios
         if not ratios or any(not math.isfinite(r) for r in ratios):
             return math.nan, math.nan
-        rng = random.Random(0)  # the same measurement always gives the same verdict
-        medians = sorted(
-            statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(_RESAMPLES)
-        )
+        n = len(ratios)
+        rows = torch.tensor(ratios, dtype=torch.float64)[_resampled(n)].sort(dim=1).values
+        # statistics.median: the middle value, or the mean of the two middle ones
+        medians = ((rows[:, (n - 1) // 2] + rows[:, n // 2]) / 2).sort().values.tolist()
         return medians[int(_LEVEL * _RESAMPLES)], medians[int((1 - _LEVEL) * _RESAMPLES) - 1]
 
     @property
@@ -155,6 +162,18 @@ class Confirmation:
             "tuned_throughput": statistics.median(self.plan_rates),
             "rounds": self.rounds,
         }
+
+
+@functools.cache
+def _resampled(n: int) -> torch.Tensor:
+    """Indices of the bootstrap resamples of ``n`` rounds: ``random.Random(0).choices``'s draws.
+
+    ``choices`` picks ``floor(random() * n)``; drawn once per ``n`` (they depend on
+    nothing else), as a ``(resamples, n)`` tensor.
+    """
+    draw = random.Random(0).random
+    picks = [math.floor(draw() * n) for _ in range(n * _RESAMPLES)]
+    return torch.tensor(picks, dtype=torch.long).view(_RESAMPLES, n)
 
 
 def wants_more(timing: Confirmation | None, beat: float) -> bool:
