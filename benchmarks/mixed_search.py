@@ -148,7 +148,7 @@ def configs_for(method: str, model: nn.Module, selector: Any) -> list[LayerConfi
         module = model.get_submodule(name)
         kind = kind_of(module)
         assert kind is not None
-        if "quant" in getattr(kind, "auto_int8_space", kind.auto_space)(module):
+        if "quant" in kind.auto_int8_space(module):
             configs.append(
                 LayerConfig([name], {"num_terms": 1, "low_rank": [FULL], "quant": ["int8"]})
             )

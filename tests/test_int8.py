@@ -84,6 +84,8 @@ def test_the_auto_strings_choose_the_forms_and_a_typo_names_both() -> None:
     low_rank, mixed = layout("auto"), layout("auto+int8")
     assert "quant" not in low_rank.groups[0].space
     assert mixed.groups[0].space["quant"] == Categorical(["none", "int8"])
+    conv = nn.Conv2d(64, 64, 3)  # a kind without int8 forms offers its "auto" space
+    assert kind_of(conv).auto_int8_space(conv) == kind_of(conv).auto_space(conv)  # type: ignore[union-attr]
     with pytest.raises(ValueError, match=re.escape("'auto' or 'auto+int8', got 'auto+int4'")):
         LayerConfig(["0"], "auto+int4")
 

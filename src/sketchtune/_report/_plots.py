@@ -41,6 +41,13 @@ def _interval_text(lower: float | None, upper: float | None) -> str:
     return f", 95% {lower:.2f}-{upper:.2f}x"
 
 
+def _span(value: float, low: float | None, high: float | None) -> list[list[float]] | None:
+    """Matplotlib's error-bar lengths for an interval around ``value`` (``None``: no interval)."""
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return [[value - low], [high - value]]
+
+
 def _kept_label(kept: KeptMark, trial: int | None = None) -> str:
     assert kept.speedup is not None
     where = "combined plan" if kept.combined else f"trial {trial}" if trial else "plan"
@@ -84,14 +91,11 @@ def plot_pareto(
             _estimate_panel(ax, data, front=not data.measured)
         if data.kept is not None and data.kept_unit == unit and kept is not None:
             speedup, accuracy, low, high = data.kept
-            xerr = None
-            if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
-                xerr = [[speedup - low], [high - speedup]]
             trial = next(iter(kept.trials.values()), None) if not kept.combined else None
             ax.errorbar(
                 [speedup],
                 [accuracy],
-                xerr=xerr,
+                xerr=_span(speedup, low, high),
                 fmt="o",
                 ms=13,
                 mfc="none",
@@ -245,13 +249,10 @@ def plot_history(
             )
         if h.kept is not None and kept is not None:
             trial, figure, low, high = h.kept
-            yerr = None
-            if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
-                yerr = [[figure - low], [high - figure]]
             ax.errorbar(
                 [trial],
                 [figure],
-                yerr=yerr,
+                yerr=_span(figure, low, high),
                 fmt="o",
                 ms=11,
                 mfc="none",

@@ -139,8 +139,7 @@ class Confirmation:
     @property
     def precise(self) -> bool:
         """The 95% interval spans at most :data:`PRECISE_SPREAD` (a steady machine)."""
-        low, high = self.interval
-        return low > 0 and high / low <= PRECISE_SPREAD
+        return not _wide(*self.interval)
 
     def describe(self) -> str:
         low, high = self.interval
@@ -193,11 +192,18 @@ def wants_more(timing: Confirmation | None, beat: float) -> bool:
     return not (timing.confirmed and timing.precise)
 
 
+def _wide(lower: float, upper: float) -> bool:
+    """An interval spanning more than :data:`PRECISE_SPREAD` (or not measured: not precise)."""
+    return not (math.isfinite(lower) and math.isfinite(upper) and lower > 0) or (
+        upper / lower > PRECISE_SPREAD
+    )
+
+
 def busy_note(lower: float | None, upper: float | None) -> str:
     """A sentence for a figure whose 95% interval is wide (``""`` for a precise one)."""
     if lower is None or upper is None or not (math.isfinite(lower) and math.isfinite(upper)):
-        return ""
-    if lower <= 0 or upper / lower <= PRECISE_SPREAD:
+        return ""  # nothing measured: nothing to say
+    if not _wide(lower, upper):
         return ""
     return (
         f"Its 95% interval is wide ({lower:.2f}x-{upper:.2f}x): the machine was busy while "

@@ -19,7 +19,6 @@ from torch import nn
 from sketchtune._search._fit import fit_space, without_tied
 from sketchtune._validation import check_choice, warn
 from sketchtune.config import AUTO_SPECS, LayerConfig, TuningConfigs
-from sketchtune.kinds._quant import Int8Forms
 from sketchtune.nn import INITS
 from sketchtune.plan import LayerPlan, SketchPlan
 from sketchtune.registry import SketchKind
@@ -183,12 +182,8 @@ class StudyLayout:
         kind = kinds.pop()
         where = f"configs[{index}].params"
         if config.params in AUTO_SPECS:
-            spaces = [
-                kind.auto_int8_space(self.dense[n])
-                if config.params == "auto+int8" and isinstance(kind, Int8Forms)
-                else kind.auto_space(self.dense[n])
-                for n in names
-            ]
+            auto = kind.auto_int8_space if config.params == "auto+int8" else kind.auto_space
+            spaces = [auto(self.dense[n]) for n in names]
             space = _joint_auto_space(spaces, names, where)
         else:
             assert isinstance(config.params, dict)

@@ -206,6 +206,13 @@ class SketchKind:
             f"(it takes {sorted(self.params)})."
         )
 
+    def auto_int8_space(self, dense: nn.Module) -> dict[str, ParamSpec]:
+        """The ``params="auto+int8"`` space: :meth:`auto_space` plus int8 forms where they pay.
+
+        A kind without int8 forms offers its ``"auto"`` space.
+        """
+        return self.auto_space(dense)
+
     def most_accurate(self, param: str, spec: ParamSpec) -> Any:
         """The value of ``spec`` for ``param`` that loses the least accuracy.
 

@@ -136,7 +136,7 @@ class Int8Forms(LowRankKind):
             super().check_size(dense, params, where=where)
 
     def auto_int8_space(self, dense: nn.Module) -> dict[str, ParamSpec]:
-        """``params="auto+int8"``: the ``"auto"`` space plus the int8 forms where they can pay."""
+        """The ``"auto"`` space plus ``quant`` and ``low_rank="full"`` where int8 can pay."""
         space = self.auto_space(dense)
         d_in, d_out = self.io(dense)
         if int8_pays(self.init_weight(dense), d_in, d_out):

@@ -27,7 +27,22 @@ from sketchtune.nn import Int8Linear, Int8SKLinear, SKLinear
 __all__ = ["Conv1DKind", "Int8Conv1D", "Int8Conv1DKind", "Int8SKConv1D", "SKConv1D"]
 
 
-class SKConv1D(SKLinear):
+class _Conv1DNames:
+    """``nf`` and ``nx`` read like ``Conv1D``'s (output and input features)."""
+
+    in_features: int
+    out_features: int
+
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        return self.in_features
+
+
+class SKConv1D(_Conv1DNames, SKLinear):
     """The sketch of a transformers ``Conv1D``: an :class:`~sketchtune.nn.SKLinear` of ``W^T``.
 
     Same tensors, state_dict keys and forward as ``SKLinear``; ``nf`` and
@@ -43,37 +58,13 @@ class SKConv1D(SKLinear):
         ('SKConv1D', torch.Size([2, 5, 96]))
     """
 
-    @property
-    def nf(self) -> int:
-        return self.out_features
 
-    @property
-    def nx(self) -> int:
-        return self.in_features
-
-
-class Int8Conv1D(Int8Linear):
+class Int8Conv1D(_Conv1DNames, Int8Linear):
     """The int8 form of a transformers ``Conv1D``: an :class:`~sketchtune.nn.Int8Linear` of ``W^T``."""
 
-    @property
-    def nf(self) -> int:
-        return self.out_features
 
-    @property
-    def nx(self) -> int:
-        return self.in_features
-
-
-class Int8SKConv1D(Int8SKLinear):
+class Int8SKConv1D(_Conv1DNames, Int8SKLinear):
     """The sketch of a transformers ``Conv1D`` with int8 factors (an :class:`~sketchtune.nn.Int8SKLinear`)."""
-
-    @property
-    def nf(self) -> int:
-        return self.out_features
-
-    @property
-    def nx(self) -> int:
-        return self.in_features
 
 
 class Conv1DKind(Int8Forms):
