@@ -218,7 +218,7 @@ def make_reporter(
             return
         record = record_from_trial(spec.label, trial, judge.floor)
         best.consider(spec.label, record)
-        release_freed_memory()  # the trial's modules and temporaries
+        release_freed_memory(share=0.02)  # the trial's modules and temporaries
         events.trial(record)
         events.advance(unit="trial")
         events.say(_trial_line(spec, record, info, best, judge, n_trials))

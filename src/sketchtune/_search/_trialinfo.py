@@ -111,15 +111,22 @@ def frozen_params_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((k, (type(v).__name__, v)) for k, v in params.items()))
 
 
-def finished_twin(trial: optuna.Trial, trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+def finished_twin(
+    trial: optuna.Trial | FrozenTrial, trials: Sequence[FrozenTrial]
+) -> FrozenTrial | None:
     """A COMPLETE, evaluated trial among ``trials`` with the same parameters as ``trial``."""
-    key = frozen_params_key(trial.params)
+    params = trial.params
+    key: tuple[tuple[str, Any], ...] | None = None
     for other in trials:
+        # plain dict equality first (cheap; it takes True for 1), the typed key only on a match
+        if other.params != params or other.state != TrialState.COMPLETE:
+            continue
+        if key is None:
+            key = frozen_params_key(params)
         if (
-            other.state == TrialState.COMPLETE
-            and other.number != trial.number
-            and TrialInfo.of(other).measured
+            other.number != trial.number
             and frozen_params_key(other.params) == key
+            and TrialInfo.of(other).measured
         ):
             return other
     return None

@@ -387,6 +387,14 @@ def split_factors(
     total = 2 * rank
     scale = math.sqrt(2 * num_terms)  # undo the forward's 1/(2L), split over both factors
     d_in, d_out = factors.P.shape[0], factors.Q.shape[1]
+    if factors.rank >= total:  # every direction is held: scaled copies, no zero padding
+        p, q = factors.P, factors.Q
+        return (
+            (p[:, :rank] * scale).to(device=device, dtype=dtype),
+            (p[:, rank:total] * scale).to(device=device, dtype=dtype),
+            (q[:rank] * scale).to(device=device, dtype=dtype),
+            (q[rank:total] * scale).to(device=device, dtype=dtype),
+        )
     a = factors.P.new_zeros(d_in, total)
     b = factors.Q.new_zeros(total, d_out)
     used = min(total, factors.rank)
