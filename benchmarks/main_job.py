@@ -12,6 +12,9 @@ compares it with the kept plan's confirmed figure:
   whether ``study.user_attrs["sketchtune:kept"]`` names the same trial;
 - ``kept``: the kept plan's confirmed speedup (``summary.md``), with its val accuracy
   and the whole command's wall time;
+- ``others' CPU``: the share of the CPUs other processes took while the kept figure was
+  timed (the kept record's ``others_cpu``), and whether ``summary.md`` says the figure
+  was measured on a busy machine;
 - ``re-timed quiet``: after all runs, with nothing spinning beside it, each run's kept
   plan (``plan.json``) applied to a fresh MLP of the same shape and timed against the
   dense one here, 30 interleaved rounds of a slice of 20 batches of 256 samples (the
@@ -59,6 +62,8 @@ class Run:
     feasible: int
     trials: int
     wall: float
+    others_cpu: float | None
+    busy_note: bool
     quiet: float | None = None
 
 
@@ -106,7 +111,8 @@ def run_once(out: Path, busy: int) -> Run:
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     feasible = [r for r in rows if r["feasible"] == "True" and r["speedup_x"]]
-    kept_match = _KEPT.search((out / "summary.md").read_text())
+    summary = (out / "summary.md").read_text()
+    kept_match = _KEPT.search(summary)
     study = optuna.load_study(study_name="digits_mlp", storage=storage)
     record = study.user_attrs.get("sketchtune:kept") or {}
     try:
@@ -124,6 +130,8 @@ def run_once(out: Path, busy: int) -> Run:
         feasible=len(feasible),
         trials=len(rows),
         wall=wall,
+        others_cpu=record.get("others_cpu"),
+        busy_note="Measured on a busy machine" in summary,
     )
 
 
@@ -134,15 +142,17 @@ def table(runs: list[Run]) -> str:
     lines = [
         "| run | busy loops | kept (confirmed) | val acc | shown best | shown / kept "
         "| largest trial | Optuna best_trial | kept = best_trial | feasible | wall s "
-        "| re-timed quiet |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| others' CPU | busy note | re-timed quiet |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for i, r in enumerate(runs, 1):
         ratio = f"{r.shown_best / r.kept:.2f}" if r.shown_best and r.kept else "-"
         lines.append(
             f"| {i} | {r.busy} | {x(r.kept)} | {r.accuracy or '-'} | {x(r.shown_best)} | {ratio} "
             f"| {x(r.largest_trial)} | {x(r.optuna_best)} | {'yes' if r.same_trial else 'no'} "
-            f"| {r.feasible}/{r.trials} | {r.wall:.0f} | {x(r.quiet)} |"
+            f"| {r.feasible}/{r.trials} | {r.wall:.0f} "
+            f"| {'-' if r.others_cpu is None else f'{r.others_cpu:.0%}'} "
+            f"| {'yes' if r.busy_note else 'no'} | {x(r.quiet)} |"
         )
     kept = [r.kept for r in runs if r.kept]
     if kept:

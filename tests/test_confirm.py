@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -206,3 +207,29 @@ def test_a_wide_interval_is_timed_to_the_last_round_and_said_to_be_from_a_busy_m
     assert note in kept_text(decision)
     quiet_decision = dataclasses.replace(decision, confirmation=quiet.to_dict())
     assert "busy" not in kept_text(quiet_decision)
+
+
+def test_a_narrow_figure_timed_while_others_took_the_cpus_is_said_to_be_from_a_busy_machine() -> (
+    None
+):
+    # beside two busy loops a figure can be steady and still twice its quiet worth
+    # (the main job: 14.38x, interval 13.24-15.86x, 8.94x re-timed quietly)
+    steady = [100.0 * r for r in (14.0, 14.5, 14.4, 15.0, 14.2)]
+    busy = Confirmation.of([100.0] * 5, steady, [0.5, 0.48, 0.52, 0.5, 0.49])
+    quiet = Confirmation.of([100.0] * 5, steady, [0.01, 0.0, 0.03, 0.02, 0.0])
+    assert busy.precise and busy.busy and busy.others_share == 0.5
+    assert quiet.precise and not quiet.busy
+    note = busy_note(busy.lower, busy.upper, busy.to_dict()["others_cpu"])
+    assert "other processes took 50% of the CPUs" in note and "wide" not in note
+    assert busy_note(quiet.lower, quiet.upper, quiet.to_dict()["others_cpu"]) == ""
+    decision = Decision(
+        plan=SketchPlan(), trial=0, speedup=busy.speedup, accuracy=1.0, confirmation=busy.to_dict()
+    )
+    assert note in kept_text(decision)
+    # stored with each round, read back alike; rounds stored before the share was measured
+    # (two values) read as unknown, and an unknown share says nothing
+    assert Confirmation.from_rounds(busy.rounds_list()) == busy
+    old = Confirmation.from_rounds([[100.0, 1400.0], [100.0, 1450.0]])
+    assert old is not None and math.isnan(old.others_share) and not old.busy
+    assert old.to_dict()["others_cpu"] is None and old.rounds_list()[0] == [100.0, 1400.0]
+    assert Confirmation.from_rounds([[100.0, 1400.0, 0.5, 7.0]]) is None

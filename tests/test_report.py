@@ -161,11 +161,17 @@ def test_results_csv_is_the_study_record_row_by_row(whole_model: dict[str, Any])
         elif feasible(trial):
             assert row["speedup_x"] == pytest.approx(stored["speedup"], rel=1e-12), where
             assert row["speedup_x"] == pytest.approx(trial.value, rel=1e-12), where
-            ratios = [p / d for d, p in rounds]
+            # each stored round: [dense, plan, share of the CPUs other processes took]
+            ratios = [r[1] / r[0] for r in rounds]
             assert row["speedup_x"] == pytest.approx(statistics.median(ratios)), where
             assert row["throughput_samples_per_s"] == pytest.approx(stored["speed"]), where
-            dense = statistics.median(d for d, _ in rounds)
+            dense = statistics.median(r[0] for r in rounds)
             assert row["dense_throughput_samples_per_s"] == pytest.approx(dense), where
+            if all(len(r) == 3 for r in rounds):  # measured where /proc/stat can be read
+                others = statistics.median(r[2] for r in rounds)
+                assert row["others_cpu_share"] == pytest.approx(others, abs=5e-4), where
+            else:
+                assert pd.isna(row["others_cpu_share"]), where
             assert row["speedup_source"] == "measured", where
         else:
             assert pd.isna(row["speedup_x"]) and pd.isna(row["speedup_source"]), where

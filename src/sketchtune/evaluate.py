@@ -205,6 +205,13 @@ class Evaluator(ABC):
         """Sum ``tensor`` over the processes that evaluate together (identity for one process)."""
         return tensor
 
+    @property
+    def alone(self) -> bool:
+        """Whether this process times by itself: then any other process's CPU time during a
+        timing is contention (several DDP processes time side by side, and count as each
+        other's load)."""
+        return True
+
     def finish(self) -> None:  # noqa: B027 - an optional hook
         """Called by the coordinating process when the search is over (no-op by default)."""
 

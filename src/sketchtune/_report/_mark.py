@@ -52,6 +52,7 @@ class KeptMark:
         study: the Optuna study whose user attribute ``"sketchtune:kept"`` holds the record.
         machine: where the figure was confirmed (host, CPU or GPU, torch version).
         date: when (UTC, ISO 8601).
+        others_cpu: the share of the CPUs other processes took while it was confirmed.
     """
 
     trials: dict[str, int] = field(default_factory=dict)
@@ -64,6 +65,7 @@ class KeptMark:
     study: str | None = None
     machine: str | None = None
     date: str | None = None
+    others_cpu: float | None = None
 
     @property
     def combined(self) -> bool:
@@ -107,6 +109,7 @@ class KeptMark:
             lower=confirmation.get("lower"),
             upper=confirmation.get("upper"),
             rounds=confirmation.get("rounds"),
+            others_cpu=confirmation.get("others_cpu"),
             accuracy=decision.accuracy,
             speed_model=speed_model,
             study=None if study is None else study.study,

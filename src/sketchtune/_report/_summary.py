@@ -146,7 +146,7 @@ class RunSummary:
                 f"alternating which goes first){interval}; the throughputs above are the "
                 "medians of the same rounds."
             )
-            note = busy_note(kept.lower, kept.upper)
+            note = busy_note(kept.lower, kept.upper, kept.others_cpu)
             text += f" {note}" if note else ""
         elif kept is not None and kept.speedup is not None and kept.speed_model == "flops":
             text = (

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sketchtune._report._mark import KeptMark, speed_source
+from sketchtune._search._confirm import Confirmation
 from sketchtune.registry import kind_named
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ COLUMNS = {
     "speedup_lower_x": "lower end of the trial's 95% interval",
     "speedup_upper_x": "upper end of the trial's 95% interval",
     "rounds": "interleaved timing rounds of the trial (0: not timed)",
+    "others_cpu_share": "the share of the CPUs other processes took while the trial was timed "
+    "(median over its rounds; 0.2 or more: a busy machine; empty: not measured)",
     "throughput_samples_per_s": "the sketched model's median throughput over those rounds",
     "dense_throughput_samples_per_s": "the dense model's median throughput in the same rounds",
     "flops_speedup_x": "the FLOP model's estimate (also for trials whose speed was not timed)",
@@ -64,7 +68,7 @@ def results_table(records: Sequence[TrialRecord], kept: KeptMark | None = None) 
     Columns: ``study``, ``trial``, ``optuna_number``, ``state``, ``feasible``, ``kept``,
     ``layers``, the ``<layer>.form`` and ``<layer>.<param>`` columns, then ``accuracy``, ``speedup_x``,
     ``speedup_source``, ``confirmed``, ``confirmed_speedup_x``, ``speedup_lower_x``,
-    ``speedup_upper_x``, ``rounds``, ``throughput_samples_per_s``,
+    ``speedup_upper_x``, ``rounds``, ``others_cpu_share``, ``throughput_samples_per_s``,
     ``dense_throughput_samples_per_s``, ``flops_speedup_x``, ``duplicate_of``,
     ``duration_s``, ``reason``, ``run``.
     """
@@ -149,8 +153,9 @@ def _row(
         rounds=len(record.rounds),
         throughput_samples_per_s=record.speed if source == "measured" else None,
         dense_throughput_samples_per_s=(
-            statistics.median(d for d, _ in record.rounds) if record.rounds else None
+            statistics.median(r[0] for r in record.rounds) if record.rounds else None
         ),
+        others_cpu_share=_others_share(record),
         flops_speedup_x=record.flops_speedup,
         duplicate_of=None if record.duplicate_of is None else record.duplicate_of + 1,
         duration_s=record.duration,
@@ -158,6 +163,13 @@ def _row(
         run=record.run,
     )
     return row
+
+
+def _others_share(record: TrialRecord) -> float | None:
+    timing = Confirmation.from_rounds(record.rounds) if record.rounds else None
+    if timing is None or math.isnan(timing.others_share):
+        return None
+    return round(timing.others_share, 3)
 
 
 def _nullable_dtype(values: list[Any]) -> str | None:

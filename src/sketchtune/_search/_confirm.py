@@ -16,6 +16,9 @@ rounds serve a trial and the confirmation of its plan:
 - A plan is kept only once confirmed on this machine in this run: a trial confirmed
   during the search is kept as measured; one measured elsewhere (an earlier run,
   another worker) is timed again here, by the same rule.
+
+Each round also carries the share of the CPUs that other processes took while it ran
+(:mod:`._contention`): a figure timed on a busy machine says so (:func:`busy_note`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from sketchtune._search._contention import BUSY_SHARE
 
 __all__ = [
     "MAX_ROUNDS",
@@ -59,32 +64,67 @@ class Confirmation:
     Attributes:
         dense_rates: the dense model's throughput in each round.
         plan_rates: the plan's throughput in each round (timed beside the dense one).
+        others: per round, the share of the CPUs other processes took (NaN: unknown).
     """
 
     dense_rates: tuple[float, ...]
     plan_rates: tuple[float, ...]
+    others: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.others) != len(self.dense_rates):  # not measured: unknown in every round
+            object.__setattr__(self, "others", (math.nan,) * len(self.dense_rates))
 
     @classmethod
-    def of(cls, dense: list[float], plan: list[float]) -> Confirmation:
-        return cls(tuple(dense), tuple(plan))
+    def of(
+        cls, dense: list[float], plan: list[float], others: list[float] | None = None
+    ) -> Confirmation:
+        return cls(tuple(dense), tuple(plan), tuple(others or ()))
 
     @classmethod
     def from_rounds(cls, rounds: Any) -> Confirmation | None:
-        """From stored ``[[dense, plan], ...]`` (``None`` when there is nothing usable)."""
+        """From stored ``[[dense, plan, others], ...]`` (``others`` may be absent: rounds
+        stored before it was measured); ``None`` when there is nothing usable."""
         try:
-            pairs = [(float(d), float(p)) for d, p in rounds]
+            rows = [[float(v) for v in r] for r in rounds]
         except (TypeError, ValueError):
             return None
-        if not pairs:
+        if not rows or any(len(r) not in (2, 3) for r in rows):
             return None
-        return cls(tuple(d for d, _ in pairs), tuple(p for _, p in pairs))
+        return cls(
+            tuple(r[0] for r in rows),
+            tuple(r[1] for r in rows),
+            tuple(r[2] if len(r) == 3 else math.nan for r in rows),
+        )
 
     def rounds_list(self) -> list[list[float]]:
-        """``[[dense, plan], ...]``: the stored form."""
-        return [[d, p] for d, p in zip(self.dense_rates, self.plan_rates, strict=True)]
+        """``[[dense, plan, others], ...]`` (``[dense, plan]`` where ``others`` is unknown):
+        the stored form."""
+        return [
+            [d, p] if math.isnan(o) else [d, p, o]
+            for d, p, o in zip(self.dense_rates, self.plan_rates, self.others, strict=True)
+        ]
 
-    def extended(self, dense: list[float], plan: list[float]) -> Confirmation:
-        return Confirmation(self.dense_rates + tuple(dense), self.plan_rates + tuple(plan))
+    def extended(
+        self, dense: list[float], plan: list[float], others: list[float] | None = None
+    ) -> Confirmation:
+        more = Confirmation.of(dense, plan, others)
+        return Confirmation(
+            self.dense_rates + more.dense_rates,
+            self.plan_rates + more.plan_rates,
+            self.others + more.others,
+        )
+
+    @property
+    def others_share(self) -> float:
+        """The median share of the CPUs other processes took during the rounds (NaN: unknown)."""
+        known = [o for o in self.others if math.isfinite(o)]
+        return statistics.median(known) if known else math.nan
+
+    @property
+    def busy(self) -> bool:
+        """Timed while other processes took at least :data:`BUSY_SHARE` of the CPUs."""
+        return self.others_share >= BUSY_SHARE
 
     @property
     def rounds(self) -> int:
@@ -157,6 +197,7 @@ class Confirmation:
             "upper": high,
             "confirmed": self.confirmed,
             "precise": self.precise,
+            "others_cpu": None if math.isnan(self.others_share) else self.others_share,
             "dense_throughput": statistics.median(self.dense_rates),
             "tuned_throughput": statistics.median(self.plan_rates),
             "rounds": self.rounds,
@@ -199,15 +240,28 @@ def _wide(lower: float, upper: float) -> bool:
     )
 
 
-def busy_note(lower: float | None, upper: float | None) -> str:
-    """A sentence for a figure whose 95% interval is wide (``""`` for a precise one)."""
-    if lower is None or upper is None or not (math.isfinite(lower) and math.isfinite(upper)):
-        return ""  # nothing measured: nothing to say
-    if not _wide(lower, upper):
+def busy_note(lower: float | None, upper: float | None, others: float | None = None) -> str:
+    """A sentence for a figure timed on a busy machine: other processes took at least
+    :data:`BUSY_SHARE` of the CPUs (``others``), or its 95% interval is wide. ``""`` when
+    neither."""
+    busy = others is not None and math.isfinite(others) and others >= BUSY_SHARE
+    wide = (
+        lower is not None
+        and upper is not None
+        and math.isfinite(lower)
+        and math.isfinite(upper)
+        and _wide(lower, upper)
+    )
+    if not (busy or wide):
         return ""
+    why = []
+    if busy:
+        why.append(f"other processes took {others:.0%} of the CPUs while it was timed")
+    if wide:
+        why.append(f"its 95% interval is wide ({lower:.2f}x-{upper:.2f}x)")
     return (
-        f"Its 95% interval is wide ({lower:.2f}x-{upper:.2f}x): the machine was busy while "
-        "timing, and under load a measured speedup can be off by 2x either way (a long dense "
-        "call absorbs more of other processes' time than a short sketched one); re-time the "
-        "plan on a quiet machine for a figure to rely on."
+        f"Measured on a busy machine: {', and '.join(why)}. Under load a speedup can be off by "
+        "2x either way (dense products that use every core lose more to other processes than "
+        "small sketched ones), and the plan chosen can differ from a quiet machine's; re-time "
+        "the plan on a quiet machine for a figure to rely on."
     )

@@ -106,7 +106,8 @@ def kept_text(decision: Decision) -> str:
     trial = "" if decision.trial is None else f" (trial {decision.trial + 1})"
     text = f"kept a plan sketching {len(decision.plan)} layer(s){trial}{speed}{accuracy}."
     if decision.confirmation is not None:
-        note = busy_note(decision.confirmation["lower"], decision.confirmation["upper"])
+        c = decision.confirmation
+        note = busy_note(c["lower"], c["upper"], c.get("others_cpu"))
         text += f" {note}" if note else ""
     return text
 

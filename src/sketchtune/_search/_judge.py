@@ -7,6 +7,7 @@ only owner of the accuracy floor.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch import nn
 
 from sketchtune._search._builder import PlanBuilder
 from sketchtune._search._confirm import TRIAL_ROUNDS, Confirmation, wants_more
+from sketchtune._search._contention import CpuMeter
 from sketchtune._validation import warn
 from sketchtune.evaluate import (
     REMOTE_TRIAL,
@@ -108,6 +110,7 @@ class Judge:
         self.progress: Callable[[], None] | None = None
         #: the run (this process and ``tune()`` call) whose timings can be trusted here
         self.run_id = ""
+        self._meter = CpuMeter()
 
     # -- the floor ---------------------------------------------------------------------
 
@@ -213,6 +216,7 @@ class Judge:
             step = least - done if done < least else 2
             dense: list[float] = []
             sketched: list[float] = []
+            before = self._meter.read()
             for index in range(done, done + step):
                 evaluator.start_round(index)
                 # alternate which model goes first: a drifting machine hits both alike
@@ -224,6 +228,8 @@ class Judge:
                         swap.apply()
                         sketched.append(evaluator.throughput(self.model))
             swap.apply()
+            share = self._meter.others_share(before, self._meter.read())
+            others = [share if evaluator.alone else math.nan] * len(dense)
             if self.progress is not None:
                 self.progress()
             if min(dense) <= 0:  # every trial would fail the same way: stop the search
@@ -231,8 +237,8 @@ class Judge:
                     f"the speed function returned {min(dense)} for the dense model; speeds must "
                     "be > 0 (higher is faster, e.g. samples per second)."
                 )
-            more = Confirmation.of(dense, sketched)
-            timing = more if timing is None else timing.extended(dense, sketched)
+            more = Confirmation.of(dense, sketched, others)
+            timing = more if timing is None else timing.extended(dense, sketched, others)
         return timing
 
     def _speed(

@@ -50,6 +50,8 @@ class KeptTrial:
         machine: where the speedup was confirmed (host, CPU or GPU, torch version).
         date: when (UTC, ISO 8601).
         verdict: the one-line outcome (:attr:`SKAutoTuner.verdict`).
+        others_cpu: the share of the CPUs other processes took while the figure was
+            timed (0.2 or more: measured on a busy machine); ``None``: not measured.
     """
 
     study: str
@@ -65,6 +67,7 @@ class KeptTrial:
     machine: str
     date: str
     verdict: str
+    others_cpu: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = json_ready(asdict(self))
@@ -126,6 +129,7 @@ def record_kept(
             lower=None if confirmation is None else confirmation.get("lower"),
             upper=None if confirmation is None else confirmation.get("upper"),
             rounds=None if confirmation is None else confirmation.get("rounds"),
+            others_cpu=None if confirmation is None else confirmation.get("others_cpu"),
             accuracy=accuracy,
             floor=floor,
             speed_model=speed_model,

@@ -252,6 +252,10 @@ class LightningEvaluator(Evaluator):
             return obj
         return self.trainer.strategy.broadcast(obj, src=0)
 
+    @property
+    def alone(self) -> bool:
+        return self.trainer.world_size == 1
+
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size == 1:
             return tensor
