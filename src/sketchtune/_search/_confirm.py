@@ -262,6 +262,7 @@ def busy_note(lower: float | None, upper: float | None, others: float | None = N
     return (
         f"Measured on a busy machine: {', and '.join(why)}. Under load a speedup can be off by "
         "2x either way (dense products that use every core lose more to other processes than "
-        "small sketched ones), and the plan chosen can differ from a quiet machine's; re-time "
-        "the plan on a quiet machine for a figure to rely on."
+        "small sketched ones), and the plan chosen can differ from a quiet machine's. For a "
+        "figure to rely on, rerun the same search (same storage and study) on a quiet "
+        "machine: a plan timed in another run is timed again there before it is kept."
     )
