@@ -33,7 +33,13 @@ def by_rank(model: nn.Module) -> float:
 
 
 def tuner_for(
-    model: nn.Module, storage: str, *, drop: float, n_trials: int, speed: object = "flops"
+    model: nn.Module,
+    storage: str,
+    *,
+    drop: float,
+    n_trials: int,
+    speed: object = "flops",
+    strategy: str = "sampler",
 ) -> SKAutoTuner:
     return SKAutoTuner(
         model,
@@ -41,7 +47,7 @@ def tuner_for(
         by_rank,
         max_accuracy_drop=drop,
         optimization_eval_func=speed,  # type: ignore[arg-type]
-        strategy="sampler",
+        strategy=strategy,  # type: ignore[arg-type]
         search_algorithm=OptunaSearch(
             n_trials=n_trials, storage=storage, study_name="s", load_if_exists=True, seed=0
         ),
@@ -49,18 +55,19 @@ def tuner_for(
     )
 
 
+@pytest.mark.parametrize("strategy", ["sampler", "global"])  # global: the planner's path
 def test_a_tighter_floor_on_resume_rejudges_every_trial(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str
 ) -> None:
     torch.manual_seed(0)
     model = Deep()
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    loose = tuner_for(model, storage, drop=0.10, n_trials=20)
+    loose = tuner_for(model, storage, drop=0.10, n_trials=20, strategy=strategy)
     loose.tune()
     assert loose.best_plan and loose.best_accuracy is not None and loose.best_accuracy < 1.0
     capsys.readouterr()
 
-    strict = tuner_for(model, storage, drop=0.0, n_trials=30)
+    strict = tuner_for(model, storage, drop=0.0, n_trials=30, strategy=strategy)
     strict.tune()
     out = capsys.readouterr().out
     feasible_then = sum(r.feasible for r in loose.records)
