@@ -64,7 +64,8 @@ class Confirmation:
     Attributes:
         dense_rates: the dense model's throughput in each round.
         plan_rates: the plan's throughput in each round (timed beside the dense one).
-        others: per round, the share of the CPUs other processes took (NaN: unknown).
+        others: per round, the share of the CPUs other processes took while it was timed
+            (rounds timed together, two or three at a time, share one reading; NaN: unknown).
     """
 
     dense_rates: tuple[float, ...]
