@@ -120,3 +120,45 @@ def test_the_written_report_is_the_study_record(
     assert text.rstrip().splitlines()[-1].startswith("Browse the study: optuna-dashboard ")
     for name in ("plan.json", "pareto.png", "history.png"):
         assert (out / name).exists()
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich"])
+def test_the_trials_progress_marks_a_trial_timed_on_a_busy_machine(
+    bar: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from sketchtune._search._events import Phase
+    from sketchtune.lightning._reporting import Progress
+    from sketchtune.results import TrialRecord
+
+    trainer = Trainer(
+        logger=False,
+        callbacks=[RichProgressBar() if bar == "rich" else TQDMProgressBar()],
+        enable_checkpointing=False,
+    )
+    progress = Progress(trainer, total=2)
+
+    def timed(trial: int, others: float) -> TrialRecord:
+        # five rounds of [dense, plan, share of the CPUs other processes took]
+        rounds = [[100.0, 300.0, others] for _ in range(5)]
+        return TrialRecord(
+            "global", {}, 0.9, 300.0, 3.0, 3.0, True, trial, "COMPLETE", 0.1,
+            rounds=rounds, confirmed=True,
+        )  # fmt: skip
+
+    caplog.set_level("INFO")
+    trials = Phase("trials", 2, "trial")
+    progress.phase_start(trials)
+    progress.trial(timed(0, 0.5))
+    if bar == "tqdm":
+        assert "busy=50%" in progress.bar.postfix and "best=3.00x" in progress.bar.postfix
+    progress.trial(timed(1, 0.01))  # a quiet timing: no mark
+    if bar == "tqdm":
+        assert "busy" not in progress.bar.postfix
+    progress.phase_end(trials)
+    if bar == "rich":
+        lines = [r.getMessage() for r in caplog.records if "sketchtune trial" in r.getMessage()]
+        assert len(lines) == 2
+        assert lines[0].endswith("; busy machine: others took 50% of the CPUs")
+        assert "busy" not in lines[1]

@@ -12,6 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from sketchtune._atomic import write_text_atomic
+from sketchtune._search._confirm import Confirmation
 from sketchtune._search._events import Listener, Phase
 from sketchtune.plan import SketchPlan
 from sketchtune.results import (
@@ -149,8 +150,12 @@ class Progress(Listener):
             if record.speedup is not None and (record.confirmed or not record.rounds):
                 self.best = max(self.best, record.speedup)
         best = f"{self.best:.2f}x" if self.best > -math.inf else "-"
+        # a trial timed while other processes took the CPUs: its figure is a busy machine's
+        timing = Confirmation.from_rounds(record.rounds) if record.rounds else None
+        busy = f"{timing.others_share:.0%}" if timing is not None and timing.busy else None
         if self.bar is not None:
-            self.bar.set_postfix(best=best, feasible=f"{self.feasible}/{self.done}", refresh=False)
+            postfix = {"best": best, "feasible": f"{self.feasible}/{self.done}"}
+            self.bar.set_postfix(postfix if busy is None else {**postfix, "busy": busy}, False)
             self.bar.update(1)
         elif self.lines:
             accuracy = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
@@ -158,6 +163,7 @@ class Progress(Listener):
                 f"sketchtune trial {self.done}/{self.total}: accuracy {accuracy}, "
                 f"{'feasible' if record.feasible else 'infeasible'}; best confirmed {best}, "
                 f"feasible {self.feasible}/{self.done}"
+                + ("" if busy is None else f"; busy machine: others took {busy} of the CPUs")
             )
 
     def close(self) -> None:
