@@ -3,9 +3,9 @@
 On a busy machine a measured speedup is not the one a quiet machine gives: a dense
 model whose large matrix products keep every core busy loses more to other processes
 than a sketched model whose small products barely use a second core (the main job's
-dense batches ran 2.3x slower beside two busy loops on 2 cores, its sketched ones not
-slower at all, so the measured speedup doubled). No choice of rounds or medians undoes
-that; what a user needs is to be told. :class:`CpuMeter` reads, around the timing
+dense batches ran 2.1-2.3x slower beside two busy loops on 2 cores, its sketched ones
+1.0-1.15x, so the measured speedup could double: ``benchmarks/under_load.py``). No
+choice of rounds or medians undoes that; what a user needs is to be told. :class:`CpuMeter` reads, around the timing
 rounds, the CPU time every process spent on the CPUs this process may run on (Linux's
 ``/proc/stat``, stolen time included) and this process's own CPU time; the difference,
 as a share of those CPUs' time, is what other processes took.
