@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 __all__ = ["BUSY_SHARE", "CpuMeter", "CpuReading"]
@@ -44,14 +45,22 @@ class CpuMeter:
     """Readings of ``/proc/stat`` for the CPUs this process may run on."""
 
     def __init__(self, stat_path: str = _STAT) -> None:
-        self._path = stat_path
         try:
             cpus = sorted(os.sched_getaffinity(0))
         except (AttributeError, OSError):  # not Linux
             cpus = list(range(os.cpu_count() or 1))
         self._names = {f"cpu{c}".encode() for c in cpus}
+        self._lines = max(cpus) + 2  # "cpu " first, then cpu0, cpu1, ... in order
         self.cpus = len(cpus)
         self._tick = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+        # one descriptor, read from offset 0 each time: the kernel writes the file anew
+        # on every read, and this skips an open and a close per reading (a trial reads twice)
+        try:
+            self._fd: int | None = os.open(stat_path, os.O_RDONLY)
+        except OSError:
+            self._fd = None
+        else:
+            weakref.finalize(self, os.close, self._fd)
         self.available = self._busy_seconds() is not None
 
     def read(self) -> CpuReading:
@@ -68,14 +77,15 @@ class CpuMeter:
         return min(1.0, max(0.0, others / (wall * self.cpus)))
 
     def _busy_seconds(self) -> float | None:
+        if self._fd is None:
+            return None
         try:
-            with open(self._path, "rb") as stat:
-                data = stat.read()
+            data = os.pread(self._fd, 1 << 16, 0)
         except OSError:
             return None
         ticks = 0
         found = 0
-        for line in data.split(b"\n"):
+        for line in data.split(b"\n", self._lines)[: self._lines]:
             if not line.startswith(b"cpu"):
                 break
             fields = line.split()
