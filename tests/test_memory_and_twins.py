@@ -20,8 +20,8 @@ def test_a_trim_with_a_time_share_waits_until_it_fits_the_share() -> None:
     assert ended > 0.0 and took > 0.0
     _memory.release_freed_memory(share=1e-9)  # the share leaves no room for another yet
     assert [ended, took] == _memory._LAST
-    time.sleep(0.01)
-    _memory.release_freed_memory(share=1.0)  # 10 ms after a trim far shorter than that
+    time.sleep(1.5 * took + 0.005)
+    _memory.release_freed_memory(share=1.0)  # longer after the last trim than it took
     assert _memory._LAST[0] > ended
 
 
