@@ -79,6 +79,10 @@ def test_svd_at_full_rank_reproduces_the_dense_layer() -> None:
     x = torch.randn(20, 16)
     torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.dense_weight(), dense.weight.detach(), rtol=1e-5, atol=1e-5)
+    # 2Lk = 16 > 12 directions held: the last four columns of U2 and rows of S2 are zero
+    over = SKLinear.from_dense(dense, num_terms=2, low_rank=4, init="svd")
+    torch.testing.assert_close(over(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert not over.U2[:, 4:].any() and not over.S2[4:].any() and over.U2[:, :4].any()
     conv = nn.Conv2d(3, 6, 2)
     sk = SKConv2d.from_dense(conv, num_terms=1, low_rank=3, init="svd")  # 2Lk = 6 = C_out
     images = torch.randn(2, 3, 7, 7)

@@ -208,10 +208,13 @@ class PlanBuilder:
 
 
 def _in_dtype(factors: LowRankFactors, dtype: torch.dtype) -> LowRankFactors:
-    """The factors stored in the weight's floating dtype (float32: half of float64)."""
-    if not dtype.is_floating_point or factors.P.dtype == dtype:
-        return factors
-    return LowRankFactors(factors.P.to(dtype), factors.Q.to(dtype), factors.kind)
+    """The factors stored in the weight's floating dtype (float32: half of float64), row-major
+    (an SVD's are column-major): each build's slices of them are then copied as they lie."""
+    if not dtype.is_floating_point:
+        dtype = factors.P.dtype
+    return LowRankFactors(
+        factors.P.to(dtype).contiguous(), factors.Q.to(dtype).contiguous(), factors.kind
+    )
 
 
 def _stable_seed(name: str) -> int:

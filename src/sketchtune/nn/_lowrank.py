@@ -384,27 +384,22 @@ def split_factors(
     ranks beyond what the factorization holds (or the layer allows) are zero.
     """
     rank = num_terms * low_rank
-    total = 2 * rank
     scale = math.sqrt(2 * num_terms)  # undo the forward's 1/(2L), split over both factors
-    d_in, d_out = factors.P.shape[0], factors.Q.shape[1]
-    if factors.rank >= total:  # every direction is held: scaled copies, no zero padding
-        p, q = factors.P, factors.Q
-        return (
-            (p[:, :rank] * scale).to(device=device, dtype=dtype),
-            (p[:, rank:total] * scale).to(device=device, dtype=dtype),
-            (q[:rank] * scale).to(device=device, dtype=dtype),
-            (q[rank:total] * scale).to(device=device, dtype=dtype),
-        )
-    a = factors.P.new_zeros(d_in, total)
-    b = factors.Q.new_zeros(total, d_out)
-    used = min(total, factors.rank)
-    a[:, :used] = factors.P[:, :used] * scale
-    b[:used] = factors.Q[:used] * scale
+
+    def part(m: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+        """Directions ``start`` to ``start + rank`` of ``m`` along ``dim``, scaled, zero past
+        what ``m`` holds."""
+        held = m.narrow(dim, min(start, m.shape[dim]), max(0, min(rank, m.shape[dim] - start)))
+        out, missing = (held * scale).contiguous(), rank - held.shape[dim]
+        if missing:  # F.pad's last pair pads the last dimension
+            out = F.pad(out, (0, missing) if dim else (0, 0, 0, missing))
+        return out.to(device=device, dtype=dtype)
+
     return (
-        a[:, :rank].to(device=device, dtype=dtype),
-        a[:, rank:].to(device=device, dtype=dtype),
-        b[:rank].to(device=device, dtype=dtype),
-        b[rank:].to(device=device, dtype=dtype),
+        part(factors.P, 1, 0),
+        part(factors.P, 1, rank),
+        part(factors.Q, 0, 0),
+        part(factors.Q, 0, rank),
     )
 
 
