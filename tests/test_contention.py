@@ -10,7 +10,6 @@ accounting, and a real search timed beside them is checked to say so in every ou
 from __future__ import annotations
 
 import csv
-import math
 import os
 import subprocess
 import sys
@@ -27,7 +26,9 @@ from torch import nn
 from sketchtune import Categorical, LayerConfig, OptunaSearch, SKAutoTuner, TuningConfigs
 from sketchtune._search._confirm import Confirmation
 from sketchtune._search._contention import BUSY_SHARE, CpuMeter
-from sketchtune.results import KeptMark, RunSummary, write_report
+from sketchtune.results import write_report
+
+from .test_report import summary_of
 
 pytestmark = pytest.mark.skipif(
     not CpuMeter().available, reason="needs Linux's /proc/stat to see other processes"
@@ -143,30 +144,10 @@ def test_a_search_timed_beside_busy_processes_says_so_everywhere(
     verdict = tuner.verdict or ""
     assert "Measured on a busy machine: other processes took" in verdict
     assert f"{kept.others_cpu:.0%} of the CPUs" in verdict
-    plan = tuner.best_plan
-    assert plan is not None
-    summary = RunSummary(
-        monitor="agreement",
-        floor=tuner.floor.describe(),
-        dense_accuracy=tuner.dense_accuracy,
-        tuned_accuracy=tuner.best_accuracy,
-        dense_throughput=None,
-        tuned_throughput=None,
-        dense_weights=1,
-        tuned_weights=1,
-        plan=plan,
-        trials=len(tuner.records),
-        feasible=sum(r.feasible for r in tuner.records),
-        storage=storage,
-        study_name="busy",
-        confirmed_speedup=tuner.best_speedup,
-        verdict=tuner.verdict,
-        kept=KeptMark.of(tuner.decision, tuner.records, kept),
-        speed_model=kept.speed_model,
-    )
+    study = optuna.load_study(study_name="busy", storage=storage)
+    summary = summary_of(tuner, study, storage)  # as the callback writes it
     paths = write_report(tmp_path / "report", summary, tuner.records, floor=tuner.floor.value)
     assert "Measured on a busy machine" in Path(paths["summary.md"]).read_text()
     with open(paths["results.csv"], newline="") as fh:
         shares = [row["others_cpu_share"] for row in csv.DictReader(fh) if row["rounds"] != "0"]
     assert shares and all(float(s) >= BUSY_SHARE for s in shares)
-    assert not math.isnan(kept.others_cpu)

@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 __all__ = ["plot_history", "plot_pareto"]
 
 
+#: the kept plan's mark in both plots: a red ring with its confirmed interval as error bars
+_KEPT_MARK: dict[str, Any] = {
+    "fmt": "o",
+    "mfc": "none",
+    "mec": "#d62728",
+    "ecolor": "#d62728",
+    "capsize": 3,
+}
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -96,12 +106,8 @@ def plot_pareto(
                 [speedup],
                 [accuracy],
                 xerr=_span(speedup, low, high),
-                fmt="o",
                 ms=13,
-                mfc="none",
-                mec="#d62728",
-                ecolor="#d62728",
-                capsize=3,
+                **_KEPT_MARK,
                 label=_kept_label(kept, None if trial is None else trial + 1),
             )
         if floor is not None:
@@ -253,12 +259,8 @@ def plot_history(
                 [trial],
                 [figure],
                 yerr=_span(figure, low, high),
-                fmt="o",
                 ms=11,
-                mfc="none",
-                mec="#d62728",
-                ecolor="#d62728",
-                capsize=3,
+                **_KEPT_MARK,
                 label=None if kept.combined else _kept_label(kept, trial),
             )
     if kept is not None and kept.combined and kept.speedup is not None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sketchtune._report._mark import KeptMark, speed_source
-from sketchtune._search._confirm import Confirmation
+from sketchtune._search._confirm import others_share_of
 from sketchtune.registry import kind_named
 
 if TYPE_CHECKING:
@@ -166,10 +166,8 @@ def _row(
 
 
 def _others_share(record: TrialRecord) -> float | None:
-    timing = Confirmation.from_rounds(record.rounds) if record.rounds else None
-    if timing is None or math.isnan(timing.others_share):
-        return None
-    return round(timing.others_share, 3)
+    share = others_share_of(record.rounds)
+    return None if math.isnan(share) else round(share, 3)
 
 
 def _nullable_dtype(values: list[Any]) -> str | None:

@@ -40,7 +40,9 @@ __all__ = [
     "PRECISE_SPREAD",
     "TRIAL_ROUNDS",
     "Confirmation",
+    "busy_mark",
     "busy_note",
+    "others_share_of",
     "wants_more",
 ]
 
@@ -239,6 +241,19 @@ def _wide(lower: float, upper: float) -> bool:
     return not (math.isfinite(lower) and math.isfinite(upper) and lower > 0) or (
         upper / lower > PRECISE_SPREAD
     )
+
+
+def others_share_of(rounds: Any) -> float:
+    """The median share of the CPUs other processes took during stored rounds (NaN: unknown)."""
+    timing = Confirmation.from_rounds(rounds) if rounds else None
+    return math.nan if timing is None else timing.others_share
+
+
+def busy_mark(rounds: Any) -> str:
+    """``"busy machine: others took 51% of the CPUs"`` for a trial timed on a busy machine
+    (from its stored rounds), ``""`` otherwise: the per-trial log lines' mark."""
+    share = others_share_of(rounds)
+    return f"busy machine: others took {share:.0%} of the CPUs" if share >= BUSY_SHARE else ""
 
 
 def busy_note(lower: float | None, upper: float | None, others: float | None = None) -> str:

@@ -216,7 +216,7 @@ class Judge:
             step = least - done if done < least else 2
             dense: list[float] = []
             sketched: list[float] = []
-            before = self._meter.read()
+            before = self._meter.read() if evaluator.alone else None
             for index in range(done, done + step):
                 evaluator.start_round(index)
                 # alternate which model goes first: a drifting machine hits both alike
@@ -228,8 +228,10 @@ class Judge:
                         swap.apply()
                         sketched.append(evaluator.throughput(self.model))
             swap.apply()
-            share = self._meter.others_share(before, self._meter.read())
-            others = [share if evaluator.alone else math.nan] * len(dense)
+            share = (
+                math.nan if before is None else self._meter.others_share(before, self._meter.read())
+            )
+            others = [share] * len(dense)
             if self.progress is not None:
                 self.progress()
             if min(dense) <= 0:  # every trial would fail the same way: stop the search

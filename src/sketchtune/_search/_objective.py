@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sketchtune._memory import release_freed_memory
 from sketchtune._search._best import BestTracker, score_text
-from sketchtune._search._confirm import Confirmation
+from sketchtune._search._confirm import busy_mark
 from sketchtune._search._events import Events
 from sketchtune._search._judge import Judge, Outcome, TrialFailed
 from sketchtune._search._studies import StudyLayout, StudySpec
@@ -246,12 +246,8 @@ def _trial_line(
             outcome = f"{accuracy}, speedup {record.speedup:.2f}x"
             if record.rounds:
                 confirmed = ", confirmed" if record.confirmed else ""
-                timing = Confirmation.from_rounds(record.rounds)
-                if timing is not None and timing.busy:
-                    confirmed += (
-                        f", busy machine: others took {timing.others_share:.0%} of the CPUs"
-                    )
-                outcome += f" ({len(record.rounds)} rounds{confirmed})"
+                mark = busy_mark(record.rounds)
+                outcome += f" ({len(record.rounds)} rounds{confirmed}{', ' + mark if mark else ''})"
             elif judge.speed_model == "flops":
                 outcome += " (FLOP model)"
         else:

@@ -12,7 +12,7 @@ from torch import nn
 from typing_extensions import override
 
 from sketchtune._atomic import write_text_atomic
-from sketchtune._search._confirm import Confirmation
+from sketchtune._search._confirm import busy_mark, others_share_of
 from sketchtune._search._events import Listener, Phase
 from sketchtune.plan import SketchPlan
 from sketchtune.results import (
@@ -151,19 +151,19 @@ class Progress(Listener):
                 self.best = max(self.best, record.speedup)
         best = f"{self.best:.2f}x" if self.best > -math.inf else "-"
         # a trial timed while other processes took the CPUs: its figure is a busy machine's
-        timing = Confirmation.from_rounds(record.rounds) if record.rounds else None
-        busy = f"{timing.others_share:.0%}" if timing is not None and timing.busy else None
+        busy = busy_mark(record.rounds)
         if self.bar is not None:
             postfix = {"best": best, "feasible": f"{self.feasible}/{self.done}"}
-            self.bar.set_postfix(postfix if busy is None else {**postfix, "busy": busy}, False)
+            if busy:
+                postfix["busy"] = f"{others_share_of(record.rounds):.0%}"
+            self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
         elif self.lines:
             accuracy = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
             rank_zero_info(
                 f"sketchtune trial {self.done}/{self.total}: accuracy {accuracy}, "
                 f"{'feasible' if record.feasible else 'infeasible'}; best confirmed {best}, "
-                f"feasible {self.feasible}/{self.done}"
-                + ("" if busy is None else f"; busy machine: others took {busy} of the CPUs")
+                f"feasible {self.feasible}/{self.done}" + (f"; {busy}" if busy else "")
             )
 
     def close(self) -> None:
